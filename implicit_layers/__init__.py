@@ -1,0 +1,42 @@
+"""Implicit differentiation through fixed points, as PyTorch autograd layers.
+
+``fixed_point_layer(Phi, solver=..., backward=...)`` returns a layer whose output ``w*`` solves
+``w* = Phi(w*, *params)`` and whose backward solves one linear system at ``w*`` instead of
+backpropagating through the iterations.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._forward import Anderson, FixedPoint, ForwardSolver
+from ._layer import FixedPointLayer, SolveInfo, fixed_point_layer
+from ._linear import CG, GMRES, BiCGSTAB, Direct, LinearSolver, Neumann, NormalCG
+from ._operator import FunctionOperator, LinearOperator, MatrixOperator
+from ._records import ConvergenceError, ConvergenceWarning, SolveRecord, Status
+
+try:
+    __version__ = version("implicit-layers")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "fixed_point_layer",
+    "FixedPointLayer",
+    "SolveInfo",
+    "ForwardSolver",
+    "FixedPoint",
+    "Anderson",
+    "LinearSolver",
+    "CG",
+    "GMRES",
+    "BiCGSTAB",
+    "Neumann",
+    "NormalCG",
+    "Direct",
+    "LinearOperator",
+    "MatrixOperator",
+    "FunctionOperator",
+    "SolveRecord",
+    "Status",
+    "ConvergenceWarning",
+    "ConvergenceError",
+]

@@ -1,0 +1,14 @@
+"""Forward solvers: find ``w = Phi(w, *params)``."""
+
+from ._base import ForwardSolver, IterativeForwardSolver, UserForwardSolver, as_forward_solver
+from .anderson import Anderson
+from .fixed_point import FixedPoint
+
+__all__ = [
+    "ForwardSolver",
+    "IterativeForwardSolver",
+    "UserForwardSolver",
+    "as_forward_solver",
+    "Anderson",
+    "FixedPoint",
+]

@@ -1,0 +1,160 @@
+"""The base of every backward linear solver: ``A x = b`` with records, scaling and counting."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from .._iteration import IterationState, IterativeMethod
+from .._operator import CountingOperator, LinearOperator, as_operator
+from .._records import SolveRecord, Status, measured_record
+
+__all__ = ["LinearSolver", "IterativeLinearSolver", "UserLinearSolver", "as_linear_solver"]
+
+
+class LinearSolver(abc.ABC):
+    """Solves ``A x = b``; in a layer's backward ``A = (I - J)^T`` and ``b = dL/dw*``.
+
+    :meth:`solve` handles what every method shares: a zero ``b`` returns zero without a product;
+    ``b`` is divided by its largest entry, so tiny float32 gradients neither underflow nor meet
+    the tolerance early; every product is counted; a :class:`SolveRecord` comes back.
+    """
+
+    def solve(
+        self,
+        operator: LinearOperator | torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+        b: torch.Tensor,
+        x0: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, SolveRecord]:
+        """Return ``x`` with ``A x ~= b`` and the record of the solve.
+
+        ``operator`` is a :class:`LinearOperator`, a square matrix, or a function ``v -> A v``;
+        ``b`` and the optional initial guess ``x0`` are flat vectors.
+        """
+        _check_vector(b, "b")
+        if x0 is not None:
+            _check_vector(x0, "x0", like=b)
+        counted = CountingOperator(as_operator(operator, b))
+        scale = b.abs().amax()
+        scale_value = float(scale)
+        if scale_value == 0:
+            return torch.zeros_like(b), self._trivial_record(Status.CONVERGED, 0.0)
+        if not math.isfinite(scale_value):
+            return torch.full_like(b, math.nan), self._trivial_record(Status.NONFINITE, math.nan)
+        x0_scaled = None if x0 is None else x0 / scale
+        x_scaled, record = self._run(counted, b / scale, x0_scaled, scale_value)
+        return x_scaled * scale, dataclasses.replace(record, residual=record.residual * scale_value)
+
+    @property
+    def method(self) -> str:
+        return type(self).__name__
+
+    def _trivial_record(self, status: Status, residual: float) -> SolveRecord:
+        return SolveRecord(
+            method=self.method,
+            iterations=0,
+            products=0,
+            residual=residual,
+            relative_residual=residual,
+            tol=getattr(self, "tol", None),
+            atol=getattr(self, "atol", None),
+            status=status,
+            history=(residual,),
+        )
+
+    @abc.abstractmethod
+    def _run(
+        self, operator: CountingOperator, b: torch.Tensor, x0: torch.Tensor | None, unit: float
+    ) -> tuple[torch.Tensor, SolveRecord]:
+        """Solve with ``b`` (and ``x0``) divided by ``unit``, the largest entry of ``b``."""
+
+
+class IterativeLinearSolver(IterativeMethod, LinearSolver):
+    """A Krylov or stationary method: subclasses describe one run with :meth:`_start`.
+
+    Every iterative solver stops once ``||b - A x|| <= atol + tol * ||b||`` or after
+    ``max_iter`` iterations (defaults 100, 1e-6, 0, as for every method).
+    """
+
+    def _run(self, operator, b, x0, unit):
+        if x0 is None:  # r0 = b: no product is spent on A @ 0
+            x, residual = torch.zeros_like(b), b.clone()
+        else:
+            x, residual = x0.clone(), b - operator.mv(x0)
+        b_norm = torch.linalg.vector_norm(b)
+        return self._iterate(
+            self._start(operator, x, residual, b_norm),
+            products=lambda: operator.products,
+            initial=(torch.linalg.vector_norm(residual), b_norm),
+            unit=unit,
+        )
+
+    @abc.abstractmethod
+    def _start(
+        self,
+        operator: CountingOperator,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        b_norm: torch.Tensor,
+    ) -> IterationState:
+        """The state of a run from iterate ``x`` with residual ``b - A x``."""
+
+
+class UserLinearSolver(LinearSolver):
+    """A user callable ``backward(matvec, b) -> x`` as a linear solver.
+
+    It has no tolerance of its own, so its record has status ``UNCHECKED``; the residual is
+    measured with one extra product, counted in the record.
+    """
+
+    def __init__(self, function: Callable[[Callable, torch.Tensor], torch.Tensor]):
+        self.function = function
+
+    @property
+    def method(self) -> str:
+        return getattr(self.function, "__name__", type(self.function).__name__)
+
+    def _run(self, operator, b, x0, unit):
+        x = self.function(operator.mv, b)
+        _check_vector(x, f"the result of the backward callable `{self.method}`", like=b)
+        made = operator.products
+        record = measured_record(
+            self.method,
+            iterations=made,
+            products=made + 1,
+            residual=float(torch.linalg.vector_norm(b - operator.mv(x))),
+            scale=float(torch.linalg.vector_norm(b)),
+        )
+        return x, record
+
+
+def as_linear_solver(solver: LinearSolver | Callable) -> LinearSolver:
+    """A :class:`LinearSolver` from a solver object or a callable ``(matvec, b) -> x``."""
+    if isinstance(solver, LinearSolver):
+        return solver
+    if callable(solver):
+        return UserLinearSolver(solver)
+    raise TypeError(
+        "`backward` must be a linear solver (GMRES(), CG(), ...) or a callable "
+        f"(matvec, b) -> x; got {type(solver).__name__}."
+    )
+
+
+def _check_vector(vector, name: str, like: torch.Tensor | None = None) -> None:
+    if not isinstance(vector, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(vector).__name__}.")
+    if like is None:
+        if vector.ndim != 1 or not vector.dtype.is_floating_point:
+            raise ValueError(
+                f"`{name}` must be a flat floating-point vector, got shape "
+                f"{tuple(vector.shape)} and dtype {vector.dtype}."
+            )
+    elif vector.shape != like.shape or vector.dtype != like.dtype or vector.device != like.device:
+        raise ValueError(
+            f"`{name}` must match b: shape {tuple(like.shape)}, {like.dtype} on {like.device}; "
+            f"got shape {tuple(vector.shape)}, {vector.dtype} on {vector.device}."
+        )

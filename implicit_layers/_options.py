@@ -1,0 +1,65 @@
+"""Solver objects are frozen keyword-only dataclasses whose fields are their options.
+
+:func:`options` makes such a class and turns a misspelt option into an error that names it, lists
+the valid options and suggests the closest one. The ``check_*`` helpers validate option values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound=type)
+
+
+def options(cls: T) -> T:
+    """Class decorator: a frozen, keyword-only dataclass with a helpful unknown-option error."""
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    generated_init = cls.__init__
+    names = [field.name for field in dataclasses.fields(cls)]
+
+    @functools.wraps(generated_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unknown = [key for key in kwargs if key not in names]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise TypeError(
+                f"{cls.__name__} got an unknown option `{key}`; its options are "
+                f"{', '.join(names) or 'none'}.{hint}"
+            )
+        if args:
+            raise TypeError(
+                f"{cls.__name__} takes its options by keyword only ({', '.join(names)}), "
+                f"got {len(args)} positional argument(s)."
+            )
+        generated_init(self, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def check_positive_int(owner: object, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{type(owner).__name__}: `{name}` must be a positive integer, got {value!r}. "
+            "A budget of zero iterations would return a meaningless result."
+        )
+
+
+def check_nonnegative(owner: object, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"{type(owner).__name__}: `{name}` must be a non-negative number, got {value!r}."
+        )
+
+
+def check_in_interval(owner: object, name: str, value: Any, low: float, high: float) -> None:
+    """``low < value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        raise ValueError(
+            f"{type(owner).__name__}: `{name}` must lie in ({low}, {high}], got {value!r}."
+        )

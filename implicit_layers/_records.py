@@ -1,0 +1,159 @@
+"""What every solve records, and what happens when a solve fails (the ``on_failure`` policy)."""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "Status",
+    "SolveRecord",
+    "ConvergenceWarning",
+    "ConvergenceError",
+    "OnFailure",
+    "report",
+]
+
+OnFailure = Literal["warn", "raise", "ignore"]
+ON_FAILURE_CHOICES = ("warn", "raise", "ignore")
+
+
+class Status(enum.Enum):
+    """How a solve ended. The value is the sentence shown to users."""
+
+    CONVERGED = "converged: the residual is within the tolerance"
+    MAX_ITER = "did not converge: the iteration budget ran out before the tolerance was met"
+    INACCURATE = "did not converge: the direct solve's residual is above the tolerance"
+    NONFINITE = "failed: a NaN or Inf appeared"
+    UNCHECKED = "finished: the solver is a user callable with no tolerance; read the residual"
+
+
+@dataclass(frozen=True)
+class SolveRecord:
+    """An immutable account of one forward or backward solve.
+
+    Attributes:
+        method: the solver's name, e.g. ``"GMRES"`` or the user callable's ``__name__``.
+        iterations: iterations made (for a user callable: the products or evaluations it made).
+        products: operator applications spent: evaluations of Phi in a forward solve, products
+            with ``J^T`` (or ``J``) in a backward solve.
+        residual: final absolute residual, ``||Phi(w) - w||`` or ``||b - A x||``.
+        relative_residual: ``residual`` over its scale, ``||w||`` or ``||b||``.
+        tol, atol: the tolerances judged against (``residual <= atol + tol * scale``).
+        status: how the solve ended, see :class:`Status`.
+        history: the relative residual at every iteration, the initial one first (if measured).
+    """
+
+    method: str
+    iterations: int
+    products: int
+    residual: float
+    relative_residual: float
+    tol: float | None
+    atol: float | None
+    status: Status
+    history: tuple[float, ...] = ()
+
+    @property
+    def converged(self) -> bool:
+        return self.status is Status.CONVERGED
+
+    @property
+    def failed(self) -> bool:
+        """True for the statuses the ``on_failure`` policy acts on."""
+        return self.status in (Status.MAX_ITER, Status.INACCURATE, Status.NONFINITE)
+
+    def summary(self) -> str:
+        tolerance = "" if self.tol is None else f" (tol {self.tol:.1e})"
+        return (
+            f"{self.method}: {self.status.value}; {self.iterations} iterations, "
+            f"{self.products} products, relative residual {self.relative_residual:.3e}{tolerance}"
+        )
+
+
+def relative(residual: float, scale: float) -> float:
+    if scale > 0:
+        return residual / scale
+    return 0.0 if residual == 0 else math.inf
+
+
+class ConvergenceWarning(UserWarning):
+    """A forward or backward solve did not converge (``on_failure="warn"``, the default)."""
+
+
+class ConvergenceError(RuntimeError):
+    """A forward or backward solve failed under ``on_failure="raise"``; ``.record`` tells how."""
+
+    def __init__(self, message: str, record: SolveRecord):
+        super().__init__(message)
+        self.record = record
+
+
+_ADVICE = {
+    ("forward", Status.MAX_ITER): "Increase the solver's `max_iter` or `tol`, try `Anderson`, "
+    "or check that Phi is a contraction in w near the fixed point.",
+    ("backward", Status.MAX_ITER): "Increase the backward solver's `max_iter` or `tol`, or use "
+    "`GMRES` (valid whenever I - J is non-singular); `CG` is only valid for symmetric positive "
+    "definite I - J and `Neumann` only when the spectral radius of J is below 1.",
+    ("backward", Status.INACCURATE): "I - J is ill-conditioned at w*; solve in float64 or "
+    "check that Phi is a contraction near w*.",
+    ("forward", Status.NONFINITE): "Check Phi for overflow (a step size too large?) and the "
+    "initial guess and params for NaN/Inf.",
+    ("backward", Status.NONFINITE): "Check the incoming gradient dL/dw* and Phi's derivatives at "
+    "w* for NaN/Inf; a breakdown of the method's recurrence also shows as NaN (try `GMRES`).",
+}
+
+
+def describe_failure(record: SolveRecord, stage: str) -> str:
+    where = ""
+    if record.status is Status.NONFINITE:
+        where = f" at iteration {record.iterations}" if record.iterations else " in its input"
+    advice = _ADVICE.get((stage, record.status), "")
+    return f"{stage} solve {record.summary()}{where}. {advice}".rstrip()
+
+
+def report(record: SolveRecord, stage: str, on_failure: OnFailure) -> None:
+    """Warn, raise or stay quiet about a failed solve, as ``on_failure`` asks."""
+    if not record.failed or on_failure == "ignore":
+        return
+    message = describe_failure(record, stage)
+    if on_failure == "raise":
+        raise ConvergenceError(message, record)
+    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
+
+def measured_record(
+    method: str,
+    *,
+    iterations: int,
+    products: int,
+    residual: float,
+    scale: float,
+    tol: float | None = None,
+    atol: float = 0.0,
+) -> SolveRecord:
+    """The record of a one-shot solve whose final residual was measured: a direct solve, or a
+    user callable (``tol=None``: nothing to judge against, status ``UNCHECKED``)."""
+    rel = relative(residual, scale)
+    if not math.isfinite(residual):
+        status = Status.NONFINITE
+    elif tol is None:
+        status = Status.UNCHECKED
+    elif residual <= atol + tol * scale:
+        status = Status.CONVERGED
+    else:
+        status = Status.INACCURATE
+    return SolveRecord(
+        method=method,
+        iterations=iterations,
+        products=products,
+        residual=residual,
+        relative_residual=rel,
+        tol=tol,
+        atol=None if tol is None else atol,
+        status=status,
+        history=(rel,),
+    )

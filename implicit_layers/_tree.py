@@ -1,0 +1,153 @@
+"""Pytrees (nested tuples, lists and dicts) and the flat vector a tree of tensors is solved as."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "FlatSpace"]
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """The structure of a pytree: its containers, keys and number of leaves (comparable, hashable)."""
+
+    kind: str  # "leaf", "tuple", "list" or "dict"
+    keys: tuple = ()
+    children: tuple[TreeSpec, ...] = ()
+
+    @property
+    def num_leaves(self) -> int:
+        if self.kind == "leaf":
+            return 1
+        return sum(child.num_leaves for child in self.children)
+
+    def __str__(self) -> str:
+        if self.kind == "leaf":
+            return "*"
+        if self.kind == "dict":
+            inner = ", ".join(f"{k!r}: {c}" for k, c in zip(self.keys, self.children))
+            return "{" + inner + "}"
+        inner = ", ".join(str(c) for c in self.children)
+        return f"({inner},)" if self.kind == "tuple" else f"[{inner}]"
+
+
+_LEAF = TreeSpec("leaf")
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
+    """Leaves of ``tree`` in a fixed order (dicts by sorted key) and its structure."""
+    leaves: list[Any] = []
+    return leaves, _flatten_into(tree, leaves)
+
+
+def _flatten_into(tree: Any, leaves: list[Any]) -> TreeSpec:
+    if isinstance(tree, dict):
+        keys = tuple(sorted(tree))
+        return TreeSpec("dict", keys, tuple(_flatten_into(tree[k], leaves) for k in keys))
+    if isinstance(tree, (tuple, list)) and not hasattr(tree, "_fields"):
+        kind = "tuple" if isinstance(tree, tuple) else "list"
+        return TreeSpec(kind, (), tuple(_flatten_into(child, leaves) for child in tree))
+    leaves.append(tree)
+    return _LEAF
+
+
+def tree_unflatten(spec: TreeSpec, leaves: Sequence[Any]) -> Any:
+    """Inverse of :func:`tree_flatten`."""
+    iterator = iter(leaves)
+    return _build(spec, iterator)
+
+
+def _build(spec: TreeSpec, leaves) -> Any:
+    if spec.kind == "leaf":
+        return next(leaves)
+    children = [_build(child, leaves) for child in spec.children]
+    if spec.kind == "dict":
+        return dict(zip(spec.keys, children))
+    return tuple(children) if spec.kind == "tuple" else children
+
+
+class FlatSpace:
+    """A pytree of floating-point tensors seen as one flat vector.
+
+    Iterative solvers work on flat vectors; this class converts both ways and checks that a tree
+    (say, Phi's output) has the structure, shapes, dtype and device of the template tree ``w0``.
+    A single tensor is flattened without a copy.
+    """
+
+    def __init__(self, template: Any, name: str = "w0"):
+        leaves, self.spec = tree_flatten(template)
+        if not leaves:
+            raise TypeError(f"`{name}` must be a tensor or a pytree of tensors; it holds no leaves.")
+        for index, leaf in enumerate(leaves):
+            where = name if self.spec.kind == "leaf" else f"{name} (leaf {index})"
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(
+                    f"`{where}` must be a torch.Tensor, got {type(leaf).__name__}. "
+                    "Convert it with torch.as_tensor(..., dtype=torch.float32)."
+                )
+            if not leaf.dtype.is_floating_point:
+                raise TypeError(
+                    f"`{where}` must have a real floating-point dtype (float16/32/64, bfloat16), "
+                    f"got {leaf.dtype}."
+                )
+        first = leaves[0]
+        for index, leaf in enumerate(leaves[1:], 1):
+            if leaf.dtype != first.dtype or leaf.device != first.device:
+                raise TypeError(
+                    f"every leaf of `{name}` must share one dtype and device, as they are solved as "
+                    f"one vector: leaf 0 is {first.dtype} on {first.device}, leaf {index} is "
+                    f"{leaf.dtype} on {leaf.device}."
+                )
+        self.name = name
+        self.shapes = tuple(leaf.shape for leaf in leaves)
+        self.numels = tuple(leaf.numel() for leaf in leaves)
+        self.size = sum(self.numels)
+        self.dtype = first.dtype
+        self.device = first.device
+
+    def flatten(self, tree: Any) -> torch.Tensor:
+        return self.flatten_leaves(tree_flatten(tree)[0])
+
+    def flatten_leaves(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(leaves) == 1:
+            return leaves[0].reshape(-1)
+        return torch.cat([leaf.reshape(-1) for leaf in leaves])
+
+    def unflatten_leaves(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        if len(self.shapes) == 1:
+            return [vector.view(self.shapes[0])]
+        return [part.view(shape) for part, shape in zip(vector.split(self.numels), self.shapes)]
+
+    def unflatten(self, vector: torch.Tensor) -> Any:
+        return tree_unflatten(self.spec, self.unflatten_leaves(vector))
+
+    def check(self, tree: Any, what: str) -> list[torch.Tensor]:
+        """Leaves of ``tree``, after checking it matches the template; ``what`` names it in errors."""
+        leaves, spec = tree_flatten(tree)
+        if spec != self.spec:
+            raise ValueError(
+                f"{what} must have the structure of `{self.name}`: expected {self.spec}, got {spec}."
+            )
+        for index, (leaf, shape) in enumerate(zip(leaves, self.shapes)):
+            where = what if spec.kind == "leaf" else f"{what} (leaf {index})"
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"{where} must be a torch.Tensor, got {type(leaf).__name__}.")
+            if leaf.shape != shape:
+                raise ValueError(
+                    f"{where} must have the shape of `{self.name}`, {tuple(shape)}; "
+                    f"got {tuple(leaf.shape)}."
+                )
+            if leaf.dtype != self.dtype:
+                raise TypeError(
+                    f"{where} must have the dtype of `{self.name}`, {self.dtype}; got {leaf.dtype}."
+                )
+            if leaf.device != self.device:
+                raise ValueError(
+                    f"{where} must be on the device of `{self.name}`, {self.device}; "
+                    f"got {leaf.device}."
+                )
+        return leaves
