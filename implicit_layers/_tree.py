@@ -103,7 +103,7 @@ class FlatSpace:
                     f"{leaf.dtype} on {leaf.device}."
                 )
         self.name = name
-        self.shapes = tuple(leaf.shape for leaf in leaves)
+        self.shapes = tuple(tuple(leaf.shape) for leaf in leaves)
         self.numels = tuple(leaf.numel() for leaf in leaves)
         self.size = sum(self.numels)
         self.dtype = first.dtype
@@ -136,7 +136,7 @@ class FlatSpace:
             where = what if spec.kind == "leaf" else f"{what} (leaf {index})"
             if not isinstance(leaf, torch.Tensor):
                 raise TypeError(f"{where} must be a torch.Tensor, got {type(leaf).__name__}.")
-            if leaf.shape != shape:
+            if tuple(leaf.shape) != shape:
                 raise ValueError(
                     f"{where} must have the shape of `{self.name}`, {tuple(shape)}; "
                     f"got {tuple(leaf.shape)}."

@@ -85,7 +85,7 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
             x, residual = torch.zeros_like(b), b.clone()
         else:
             x, residual = x0.clone(), b - operator.mv(x0)
-        b_norm = torch.linalg.vector_norm(b)
+        b_norm = float(torch.linalg.vector_norm(b))
         return self._iterate(
             self._start(operator, x, residual, b_norm),
             products=lambda: operator.products,
@@ -99,7 +99,7 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
         operator: CountingOperator,
         x: torch.Tensor,
         residual: torch.Tensor,
-        b_norm: torch.Tensor,
+        b_norm: float,
     ) -> IterationState:
         """The state of a run from iterate ``x`` with residual ``b - A x``."""
 

@@ -68,6 +68,8 @@ class _GMRESState(IterationState):
         w = w - basis.T @ correction
         norm = torch.linalg.vector_norm(w)
         column = torch.cat((h + correction, norm[None])).tolist()
+        if not all(map(math.isfinite, column)):
+            return math.nan, self.b_norm
         if column[-1] > 0:
             self.basis[j + 1] = w / norm
         else:  # the Krylov space is exhausted: no new direction

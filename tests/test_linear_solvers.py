@@ -1,0 +1,217 @@
+"""Each linear solver against an independent dense float64 reference of its textbook method."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from implicit_layers import CG, GMRES, BiCGSTAB, Direct, Neumann, NormalCG, Status
+
+f64 = torch.float64
+
+
+@st.composite
+def spd_systems(draw):
+    """A symmetric positive definite ``A`` with condition number up to 1e3, and ``b``."""
+    n = draw(st.integers(3, 30))
+    seed = draw(st.integers(0, 2**31 - 1))
+    condition = draw(st.floats(1.5, 1e3))
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=f64))
+    eigenvalues = torch.logspace(0, math.log10(condition), n, dtype=f64)
+    A = q @ torch.diag(eigenvalues) @ q.T
+    return A, torch.randn(n, generator=generator, dtype=f64)
+
+
+@st.composite
+def contractive_systems(draw):
+    """``A = I - J^T`` with a non-symmetric ``J`` of spectral norm ``rho < 1``, and ``b``."""
+    n = draw(st.integers(3, 30))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rho = draw(st.floats(0.05, 0.9))
+    generator = torch.Generator().manual_seed(seed)
+    J = torch.randn(n, n, generator=generator, dtype=f64)
+    J = rho * J / torch.linalg.matrix_norm(J, 2)
+    return torch.eye(n, dtype=f64) - J.T, torch.randn(n, generator=generator, dtype=f64)
+
+
+def textbook_cg(A: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Hestenes-Stiefel CG written out independently (direction from the new residual)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    for _ in range(k):
+        Ap = A @ p
+        alpha = (r @ r) / (p @ Ap)
+        x = x + alpha * p
+        r_new = r - alpha * Ap
+        p = r_new + ((r_new @ r_new) / (r @ r)) * p
+        r = r_new
+    return x
+
+
+def minimal_residual(A: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """``min ||b - A x||`` over the Krylov space ``span{b, Ab, ..., A^{k-1} b}``, densely."""
+    columns = [b / b.norm()]
+    for _ in range(k - 1):
+        v = A @ columns[-1]
+        for c in columns:  # orthogonalise twice for a well-conditioned basis
+            v = v - (c @ v) * c
+        for c in columns:
+            v = v - (c @ v) * c
+        columns.append(v / v.norm())
+    basis = torch.stack(columns, dim=1)
+    y = torch.linalg.lstsq(A @ basis, b.unsqueeze(1)).solution.squeeze(1)
+    return float((b - A @ basis @ y).norm())
+
+
+def a_norm_error(A, x, exact):
+    e = x - exact
+    return float(torch.sqrt(e @ A @ e))
+
+
+@settings(max_examples=30, deadline=None)
+@given(spd_systems(), st.integers(1, 25))
+def test_cg_is_the_textbook_method(system, k):
+    A, b = system
+    # Iterate by iterate, two implementations agree only until the Krylov space nears R^n:
+    # beyond that CG in floating point amplifies rounding (loss of orthogonality).
+    k = min(k, b.numel() // 2)
+    x, record = CG(max_iter=k, tol=0.0).solve(A, b)
+    reference = textbook_cg(A, b, min(k, record.iterations))
+    # Two stable implementations differ by rounding in the order of operations, amplified by
+    # the condition number: forward error O(eps * cond), so allow 1e-13 * cond relative.
+    condition = float(torch.linalg.cond(A))
+    assert float((x - reference).norm()) <= 1e-13 * condition * float(reference.norm())
+
+
+@settings(max_examples=30, deadline=None)
+@given(spd_systems())
+def test_cg_error_never_grows_with_k(system):
+    """CG's A-norm error is non-increasing in k (the defect of two peers is that it grows)."""
+    A, b = system
+    exact = torch.linalg.solve(A, b)
+    errors = [a_norm_error(A, CG(max_iter=k, tol=0.0).solve(A, b)[0], exact) for k in range(1, 16)]
+    initial = float(torch.sqrt(exact @ A @ exact))
+    for before, after in zip([initial] + errors, errors):
+        assert after <= before * (1 + 1e-9) + 1e-12 * initial
+    condition = float(torch.linalg.cond(A))
+    bound = 2 * ((math.sqrt(condition) - 1) / (math.sqrt(condition) + 1)) ** 15 * initial
+    assert errors[-1] <= bound * (1 + 1e-6) + 1e-10 * initial
+
+
+@settings(max_examples=30, deadline=None)
+@given(contractive_systems(), st.integers(1, 12))
+def test_gmres_attains_the_minimal_residual_of_its_krylov_space(system, k):
+    A, b = system
+    n = b.numel()
+    k = min(k, n - 1)
+    x, record = GMRES(max_iter=k, tol=0.0, restart=50).solve(A, b)
+    achieved = float((b - A @ x).norm())
+    optimum = minimal_residual(A, b, k)
+    assert achieved <= optimum * (1 + 1e-6) + 1e-12 * float(b.norm())
+    assert achieved >= optimum * (1 - 1e-6) - 1e-12 * float(b.norm())
+    # the record's residual is the true one
+    assert record.residual == pytest.approx(achieved, rel=1e-6, abs=1e-12 * float(b.norm()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(contractive_systems(), st.integers(1, 5))
+def test_restarted_gmres_residual_is_monotone_and_true(system, restart):
+    A, b = system
+    x, record = GMRES(max_iter=40, tol=0.0, restart=restart).solve(A, b)
+    history = record.history
+    # Monotone up to rounding: once the Krylov space is exhausted the residual sits at ~1e-16.
+    assert all(later <= earlier * (1 + 1e-9) + 1e-13 for earlier, later in zip(history, history[1:]))
+    true = float((b - A @ x).norm() / b.norm())
+    assert record.relative_residual == pytest.approx(true, rel=1e-4, abs=1e-13)
+
+
+@settings(max_examples=30, deadline=None)
+@given(contractive_systems(), st.integers(1, 20))
+def test_neumann_is_the_truncated_series(system, k):
+    A, b = system
+    J_T = torch.eye(b.numel(), dtype=f64) - A
+    x, record = Neumann(max_iter=k, tol=0.0).solve(A, b)
+    series, term = torch.zeros_like(b), b
+    for _ in range(record.iterations):
+        series, term = series + term, J_T @ term
+    assert torch.allclose(x, series, rtol=1e-10, atol=1e-12)
+    assert record.residual == pytest.approx(float((b - A @ x).norm()), rel=1e-6, abs=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(contractive_systems(), st.integers(1, 10))
+def test_normal_cg_is_cg_on_the_normal_equations(system, k):
+    A, b = system
+    x, _ = NormalCG(max_iter=k, tol=0.0).solve(A, b)
+    y = textbook_cg(A @ A.T, b, k)
+    assert torch.allclose(x, A.T @ y, rtol=1e-7, atol=1e-9 * float(b.norm()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(contractive_systems())
+def test_general_solvers_converge_to_the_dense_solution(system):
+    A, b = system
+    exact = torch.linalg.solve(A, b)
+    for solver in (GMRES(tol=1e-12), BiCGSTAB(tol=1e-12), NormalCG(tol=1e-12, max_iter=500),
+                   Neumann(tol=1e-12, max_iter=2000), Direct()):
+        x, record = solver.solve(A, b)
+        assert record.converged, record.summary()
+        assert torch.allclose(x, exact, rtol=1e-8, atol=1e-9 * float(exact.norm()))
+
+
+@pytest.mark.parametrize("solver", [CG(), GMRES(), BiCGSTAB(), Neumann(), NormalCG(), Direct()],
+                         ids=lambda s: type(s).__name__)
+def test_tiny_float32_right_hand_side_neither_underflows_nor_stops_early(solver):
+    """A gradient of 1e-13 in float32 solves as well as one of 1, with the same iterations."""
+    A, b = _fixed_contractive()
+    x_unit, unit = solver.solve(A, b)
+    x_tiny, tiny = solver.solve(A, 1e-13 * b)
+    assert tiny.iterations == unit.iterations and tiny.converged
+    assert torch.allclose(x_tiny, 1e-13 * x_unit, rtol=1e-5, atol=0)
+    assert tiny.relative_residual <= max(2 * unit.relative_residual, 1e-6)
+
+
+def _fixed_contractive():
+    generator = torch.Generator().manual_seed(3)
+    n = 20
+    J = torch.randn(n, n, generator=generator)
+    J = 0.3 * (J + J.T) / torch.linalg.matrix_norm(J + J.T, 2)  # symmetric, so CG applies too
+    return torch.eye(n) - J, torch.randn(n, generator=generator)
+
+
+def test_zero_rhs_returns_zero_without_a_product():
+    calls = []
+    x, record = GMRES().solve(lambda v: calls.append(v) or v, torch.zeros(5))
+    assert torch.equal(x, torch.zeros(5)) and not calls
+    assert record.products == 0 and record.status is Status.CONVERGED
+
+
+def test_nonfinite_rhs_is_reported_not_solved():
+    x, record = GMRES().solve(lambda v: v, torch.tensor([1.0, math.nan]))
+    assert record.status is Status.NONFINITE and record.iterations == 0 and record.products == 0
+    assert torch.isnan(x).all()
+
+
+def test_nan_inside_the_solve_stops_at_its_iteration():
+    count = []
+
+    def matvec(v):
+        count.append(1)
+        return v * (math.nan if len(count) == 3 else torch.arange(1.0, 9.0))
+
+    _, record = GMRES(tol=0.0, max_iter=10).solve(matvec, torch.ones(8))
+    assert record.status is Status.NONFINITE and record.iterations == 3 and record.products == 3
+
+
+def test_history_starts_at_one_and_ends_at_the_final_residual():
+    A, b = _fixed_contractive()
+    _, record = GMRES(tol=1e-6).solve(A, b)
+    assert record.history[0] == 1.0
+    assert len(record.history) == record.iterations + 1
+    assert record.history[-1] == record.relative_residual <= 1e-6
