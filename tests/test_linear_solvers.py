@@ -54,6 +54,20 @@ def textbook_cg(A: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
+def _cg_with_old_residual_direction(A, b, k):
+    """The peers' defect: the direction is updated with the previous residual."""
+    x, r = torch.zeros_like(b), b.clone()
+    p = r.clone()
+    for _ in range(k):
+        Ap = A @ p
+        alpha = (r @ r) / (p @ Ap)
+        x = x + alpha * p
+        r_new = r - alpha * Ap
+        p = r + ((r_new @ r_new) / (r @ r)) * p
+        r = r_new
+    return x
+
+
 def minimal_residual(A: torch.Tensor, b: torch.Tensor, k: int) -> float:
     """``min ||b - A x||`` over the Krylov space ``span{b, Ab, ..., A^{k-1} b}``, densely."""
     columns = [b / b.norm()]
@@ -78,15 +92,17 @@ def a_norm_error(A, x, exact):
 @given(spd_systems(), st.integers(1, 25))
 def test_cg_is_the_textbook_method(system, k):
     A, b = system
-    # Iterate by iterate, two implementations agree only until the Krylov space nears R^n:
-    # beyond that CG in floating point amplifies rounding (loss of orthogonality).
+    # Iterate by iterate, two float64 implementations agree only until the Krylov space nears
+    # R^n: beyond that CG amplifies rounding (loss of orthogonality). Below that, they differ
+    # by rounding amplified by the loss of orthogonality (seen up to 1e-10); an algorithmic
+    # difference, such as a direction updated with the old residual, is O(1) after two steps.
     k = min(k, b.numel() // 2)
     x, record = CG(max_iter=k, tol=0.0).solve(A, b)
     reference = textbook_cg(A, b, min(k, record.iterations))
-    # Two stable implementations differ by rounding in the order of operations, amplified by
-    # the condition number: forward error O(eps * cond), so allow 1e-13 * cond relative.
-    condition = float(torch.linalg.cond(A))
-    assert float((x - reference).norm()) <= 1e-13 * condition * float(reference.norm())
+    assert float((x - reference).norm()) <= 1e-6 * float(reference.norm())
+    old_residual_variant = _cg_with_old_residual_direction(A, b, k)
+    if k >= 2:
+        assert float((old_residual_variant - reference).norm()) > 1e-3 * float(reference.norm())
 
 
 @settings(max_examples=30, deadline=None)
