@@ -11,6 +11,7 @@ Errors are against a dense float64 solve. Prints a table; run ``python benchmark
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -74,7 +75,9 @@ def baseline(problem, w_star: torch.Tensor, k: int) -> torch.Tensor:
     return -mixed
 
 
-def layer_hypergradient(problem, w_star: torch.Tensor, k: int, step: float) -> Callable[[], torch.Tensor]:
+def layer_hypergradient(
+    problem, w_star: torch.Tensor, k: int, step: float
+) -> Callable[[], torch.Tensor]:
     """A closure computing the hypergradient through ``fixed_point_layer``'s backward."""
     X, y = problem["X"], problem["y"]
 
@@ -132,13 +135,17 @@ def main() -> None:
     )[-1]
     step = float(1.0 / lipschitz)
 
-    print(f"ridge, n={args.n}, d={args.d}, {args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats}")
-    header = f"{'k':>4} {'baseline ms':>12} {'layer ms':>10} {'ratio':>7} {'baseline err':>13} {'layer err':>10}"
+    print(
+        f"ridge, n={args.n}, d={args.d}, {args.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; median of {args.repeats}"
+    )
+    columns = ["k", "baseline ms", "layer ms", "ratio", "baseline err", "layer err"]
+    widths = [4, 12, 10, 7, 13, 10]
+    header = " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     print(header)
     print("-" * len(header))
     for k in args.ks:
-        run_baseline = lambda: baseline(problem, w_star, k)  # noqa: E731
+        run_baseline = functools.partial(baseline, problem, w_star, k)
         run_layer = layer_hypergradient(problem, w_star, k, step)
         # interleave the two so that drift in machine load hits both alike
         t_base = median_time(run_baseline, args.repeats)
@@ -147,8 +154,10 @@ def main() -> None:
         t_layer = min(t_layer, median_time(run_layer, args.repeats))
         e_base = relative_error(run_baseline(), hyper_exact)
         e_layer = relative_error(run_layer(), hyper_exact)
-        print(f"{k:>4} {1e3 * t_base:>12.2f} {1e3 * t_layer:>10.2f} {t_layer / t_base:>7.3f} "
-              f"{e_base:>13.3e} {e_layer:>10.3e}")
+        print(
+            f"{k:>4} {1e3 * t_base:>12.2f} {1e3 * t_layer:>10.2f} {t_layer / t_base:>7.3f} "
+            f"{e_base:>13.3e} {e_layer:>10.3e}"
+        )
 
 
 if __name__ == "__main__":

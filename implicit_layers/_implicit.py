@@ -48,14 +48,18 @@ class PhiGraph:
             return
         space = self.space
         with torch.enable_grad():
-            self.w_vars = [leaf.detach().requires_grad_() for leaf in space.unflatten_leaves(self.w_star)]
+            self.w_vars = [
+                leaf.detach().requires_grad_() for leaf in space.unflatten_leaves(self.w_star)
+            ]
             self.param_vars = [
                 (p.detach().requires_grad_(need) if p.dtype.is_floating_point else p)
                 if index < self.n_substituted
                 else p
                 for index, (p, need) in enumerate(zip(self.params, self.needs_grad))
             ]
-            out = self.phi(tree_unflatten(space.spec, self.w_vars), *self.rebuild_params(self.param_vars))
+            out = self.phi(
+                tree_unflatten(space.spec, self.w_vars), *self.rebuild_params(self.param_vars)
+            )
         leaves = space.check(out, "Phi's output")
         self.outputs = [leaf for leaf in leaves if leaf.requires_grad]
         self.output_index = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
@@ -102,7 +106,10 @@ class PhiGraph:
             leaves = space.check(out, "Phi's output")
             columns = [fwAD.unpack_dual(leaf).tangent for leaf in leaves]
         return space.flatten_leaves(
-            [torch.zeros_like(leaf) if c is None else c.detach() for c, leaf in zip(columns, leaves)]
+            [
+                torch.zeros_like(leaf) if c is None else c.detach()
+                for c, leaf in zip(columns, leaves)
+            ]
         )
 
     def param_grads(self, x: torch.Tensor) -> list[torch.Tensor | None]:

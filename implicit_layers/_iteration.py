@@ -119,7 +119,8 @@ class IterativeMethod:
         initial: tuple[Number, Number] | None = None,
         unit: float = 1.0,
     ) -> tuple[torch.Tensor, SolveRecord]:
-        """:func:`iterate` with these options; ``unit`` is the scale ``atol``'s units were divided by."""
+        """:func:`iterate` with these options; ``atol`` is divided by ``unit``, the factor the
+        problem was scaled by."""
         return iterate(
             state,
             method=type(self).__name__,

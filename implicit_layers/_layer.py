@@ -18,6 +18,10 @@ from ._tree import FlatSpace, tree_flatten, tree_unflatten
 
 __all__ = ["fixed_point_layer", "FixedPointLayer", "SolveInfo"]
 
+# Solvers are immutable, so one default instance can serve every layer.
+DEFAULT_SOLVER = Anderson()
+DEFAULT_BACKWARD = GMRES()  # valid for any map, unlike CG
+
 
 @dataclass
 class SolveInfo:
@@ -64,8 +68,8 @@ class FixedPointLayer(nn.Module):
     def __init__(
         self,
         phi: Callable[..., Any],
-        solver: ForwardSolver | Callable = Anderson(),
-        backward: LinearSolver | Callable = GMRES(),
+        solver: ForwardSolver | Callable = DEFAULT_SOLVER,
+        backward: LinearSolver | Callable = DEFAULT_BACKWARD,
         on_failure: OnFailure = "warn",
     ):
         super().__init__()
@@ -137,7 +141,8 @@ class _Call:
         phi, space, params = self.layer.phi, self.space, self.params(tensors)
 
         def f(w: torch.Tensor) -> torch.Tensor:
-            return space.flatten_leaves(space.check(phi(space.unflatten(w), *params), "Phi's output"))
+            out = phi(space.unflatten(w), *params)
+            return space.flatten_leaves(space.check(out, "Phi's output"))
 
         return f
 
@@ -184,8 +189,8 @@ def fixed_point_layer(
     phi: Callable[..., Any] | None = None,
     /,
     *,
-    solver: ForwardSolver | Callable = Anderson(),
-    backward: LinearSolver | Callable = GMRES(),
+    solver: ForwardSolver | Callable = DEFAULT_SOLVER,
+    backward: LinearSolver | Callable = DEFAULT_BACKWARD,
     on_failure: OnFailure = "warn",
 ):
     """Make a :class:`FixedPointLayer` from ``phi(w, *params)``; also usable as a decorator.

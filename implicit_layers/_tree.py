@@ -13,7 +13,7 @@ __all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "FlatSpace"]
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """The structure of a pytree: its containers, keys and number of leaves (comparable, hashable)."""
+    """The structure of a pytree: its containers and keys (comparable and hashable)."""
 
     kind: str  # "leaf", "tuple", "list" or "dict"
     keys: tuple = ()
@@ -81,7 +81,9 @@ class FlatSpace:
     def __init__(self, template: Any, name: str = "w0"):
         leaves, self.spec = tree_flatten(template)
         if not leaves:
-            raise TypeError(f"`{name}` must be a tensor or a pytree of tensors; it holds no leaves.")
+            raise TypeError(
+                f"`{name}` must be a tensor or a pytree of tensors; it holds no leaves."
+            )
         for index, leaf in enumerate(leaves):
             where = name if self.spec.kind == "leaf" else f"{name} (leaf {index})"
             if not isinstance(leaf, torch.Tensor):
@@ -98,8 +100,8 @@ class FlatSpace:
         for index, leaf in enumerate(leaves[1:], 1):
             if leaf.dtype != first.dtype or leaf.device != first.device:
                 raise TypeError(
-                    f"every leaf of `{name}` must share one dtype and device, as they are solved as "
-                    f"one vector: leaf 0 is {first.dtype} on {first.device}, leaf {index} is "
+                    f"every leaf of `{name}` must share one dtype and device, as they are solved "
+                    f"as one vector: leaf 0 is {first.dtype} on {first.device}, leaf {index} is "
                     f"{leaf.dtype} on {leaf.device}."
                 )
         self.name = name
@@ -126,11 +128,12 @@ class FlatSpace:
         return tree_unflatten(self.spec, self.unflatten_leaves(vector))
 
     def check(self, tree: Any, what: str) -> list[torch.Tensor]:
-        """Leaves of ``tree``, after checking it matches the template; ``what`` names it in errors."""
+        """Leaves of ``tree``, checked against the template; ``what`` names it in errors."""
         leaves, spec = tree_flatten(tree)
         if spec != self.spec:
             raise ValueError(
-                f"{what} must have the structure of `{self.name}`: expected {self.spec}, got {spec}."
+                f"{what} must have the structure of `{self.name}`: "
+                f"expected {self.spec}, got {spec}."
             )
         for index, (leaf, shape) in enumerate(zip(leaves, self.shapes)):
             where = what if spec.kind == "leaf" else f"{what} (leaf {index})"

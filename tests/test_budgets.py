@@ -139,8 +139,9 @@ def test_zero_gradient_costs_nothing():
 @pytest.mark.parametrize("solver", [FixedPoint(max_iter=6, tol=0.0), Anderson(max_iter=6, tol=0.0)])
 def test_forward_evaluations(solver):
     A, lam = symmetric_problem(8)
-    layer = fixed_point_layer(lambda w, lam: A @ Counter.apply(w) + lam, solver=solver,
-                              on_failure="ignore")
+    layer = fixed_point_layer(
+        lambda w, lam: A @ Counter.apply(w) + lam, solver=solver, on_failure="ignore"
+    )
     Counter.reset()
     layer(torch.zeros(8, dtype=torch.float64), lam)
     assert Counter.evaluations == layer.last_forward.products == layer.last_forward.iterations == 6

@@ -142,7 +142,9 @@ def test_restarted_gmres_residual_is_monotone_and_true(system, restart):
     x, record = GMRES(max_iter=40, tol=0.0, restart=restart).solve(A, b)
     history = record.history
     # Monotone up to rounding: once the Krylov space is exhausted the residual sits at ~1e-16.
-    assert all(later <= earlier * (1 + 1e-9) + 1e-13 for earlier, later in zip(history, history[1:]))
+    assert all(
+        later <= earlier * (1 + 1e-9) + 1e-13 for earlier, later in zip(history, history[1:])
+    )
     true = float((b - A @ x).norm() / b.norm())
     assert record.relative_residual == pytest.approx(true, rel=1e-4, abs=1e-13)
 
@@ -174,15 +176,23 @@ def test_normal_cg_is_cg_on_the_normal_equations(system, k):
 def test_general_solvers_converge_to_the_dense_solution(system):
     A, b = system
     exact = torch.linalg.solve(A, b)
-    for solver in (GMRES(tol=1e-12), BiCGSTAB(tol=1e-12), NormalCG(tol=1e-12, max_iter=500),
-                   Neumann(tol=1e-12, max_iter=2000), Direct()):
+    for solver in (
+        GMRES(tol=1e-12),
+        BiCGSTAB(tol=1e-12),
+        NormalCG(tol=1e-12, max_iter=500),
+        Neumann(tol=1e-12, max_iter=2000),
+        Direct(),
+    ):
         x, record = solver.solve(A, b)
         assert record.converged, record.summary()
         assert torch.allclose(x, exact, rtol=1e-8, atol=1e-9 * float(exact.norm()))
 
 
-@pytest.mark.parametrize("solver", [CG(), GMRES(), BiCGSTAB(), Neumann(), NormalCG(), Direct()],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "solver",
+    [CG(), GMRES(), BiCGSTAB(), Neumann(), NormalCG(), Direct()],
+    ids=lambda s: type(s).__name__,
+)
 def test_tiny_float32_right_hand_side_neither_underflows_nor_stops_early(solver):
     """A gradient of 1e-13 in float32 solves as well as one of 1, with the same iterations."""
     A, b = _fixed_contractive()

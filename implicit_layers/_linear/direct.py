@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .._iteration import DEFAULT_TOL
 from .._operator import CountingOperator
 from .._options import check_nonnegative, options
 from .._records import measured_record
-from .._iteration import DEFAULT_TOL
 from ._base import LinearSolver
 
 

@@ -42,7 +42,11 @@ class Neumann(IterativeLinearSolver):
 class _NeumannState(IterationState):
     def __init__(self, operator, x, residual, b_norm, step):
         self.operator, self.x, self.r, self.b_norm, self.step_size = (
-            operator, x, residual, b_norm, step
+            operator,
+            x,
+            residual,
+            b_norm,
+            step,
         )
 
     def step(self):
