@@ -11,7 +11,7 @@ The inner solver is plain gradient descent, written as anyone would write it. Wr
 ``w* = Phi(w*, log_lam)``; its backward solves one linear system with CG instead of
 backpropagating through the steps.
 
-    python examples/quickstart.py                            # about 30 outer steps
+    python examples/quickstart.py                            # 30 outer Adam steps
     IMPLICIT_LAYERS_FAST=1 python examples/quickstart.py     # a short smoke run
 """
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ._forward import Anderson, ForwardSolver, as_forward_solver
 from ._implicit import ImplicitOperator, PhiGraph
@@ -176,8 +175,13 @@ class _FixedPointFunction(torch.autograd.Function):
         return w_star
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fixed_point_layer's backward is not differentiable yet: a backward with "
+                "create_graph=True would silently drop the second-order terms through the layer. "
+                "Run the backward without create_graph=True."
+            )
         w_star, *tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
         if not any(needs):

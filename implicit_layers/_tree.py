@@ -1,4 +1,4 @@
-"""Pytrees (nested tuples, lists and dicts) and the flat vector a tree of tensors is solved as."""
+"""Pytrees (nested tuples, namedtuples, lists and dicts) and the flat vector they are solved as."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ __all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "FlatSpace"]
 class TreeSpec:
     """The structure of a pytree: its containers and keys (comparable and hashable)."""
 
-    kind: str  # "leaf", "tuple", "list" or "dict"
-    keys: tuple = ()
+    kind: str  # "leaf", "tuple", "namedtuple", "list" or "dict"
+    keys: tuple = ()  # a dict's keys, or a namedtuple's class
     children: tuple[TreeSpec, ...] = ()
 
     @property
@@ -32,6 +32,8 @@ class TreeSpec:
             inner = ", ".join(f"{k!r}: {c}" for k, c in zip(self.keys, self.children))
             return "{" + inner + "}"
         inner = ", ".join(str(c) for c in self.children)
+        if self.kind == "namedtuple":
+            return f"{self.keys[0].__name__}({inner})"
         return f"({inner},)" if self.kind == "tuple" else f"[{inner}]"
 
 
@@ -48,9 +50,11 @@ def _flatten_into(tree: Any, leaves: list[Any]) -> TreeSpec:
     if isinstance(tree, dict):
         keys = tuple(sorted(tree))
         return TreeSpec("dict", keys, tuple(_flatten_into(tree[k], leaves) for k in keys))
-    if isinstance(tree, (tuple, list)) and not hasattr(tree, "_fields"):
-        kind = "tuple" if isinstance(tree, tuple) else "list"
-        return TreeSpec(kind, (), tuple(_flatten_into(child, leaves) for child in tree))
+    if isinstance(tree, (tuple, list)):
+        children = tuple(_flatten_into(child, leaves) for child in tree)
+        if hasattr(tree, "_fields"):
+            return TreeSpec("namedtuple", (type(tree),), children)
+        return TreeSpec("tuple" if isinstance(tree, tuple) else "list", (), children)
     leaves.append(tree)
     return _LEAF
 
@@ -67,6 +71,8 @@ def _build(spec: TreeSpec, leaves) -> Any:
     children = [_build(child, leaves) for child in spec.children]
     if spec.kind == "dict":
         return dict(zip(spec.keys, children))
+    if spec.kind == "namedtuple":
+        return spec.keys[0](*children)
     return tuple(children) if spec.kind == "tuple" else children
 
 

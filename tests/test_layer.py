@@ -270,6 +270,26 @@ def test_params_as_pytree_with_constants_and_nonleaf_tensors():
     assert torch.allclose(log_scale.grad, 2 * shift.detach() @ u, atol=1e-10)
 
 
+def test_namedtuple_w_and_params():
+    from collections import namedtuple
+
+    State = namedtuple("State", ["position", "velocity"])
+    A, lam = affine(4)
+
+    def phi(state, lam):
+        return State(0.5 * state.position + lam[:2], A[:2, :2] @ state.velocity + lam[2:])
+
+    w = fixed_point_layer(phi)(State(torch.zeros(2, dtype=f64), torch.zeros(2, dtype=f64)), lam)
+    assert isinstance(w, State)
+    (w.position.sum() + w.velocity.sum()).backward()
+    expected_velocity = torch.linalg.solve(
+        (torch.eye(2, dtype=f64) - A[:2, :2]).T, torch.ones(2, dtype=f64)
+    )
+    assert torch.allclose(
+        lam.grad, torch.cat([torch.full((2,), 2.0, dtype=f64), expected_velocity])
+    )
+
+
 def test_no_gradient_flows_to_w0():
     A, lam = affine()
     w0 = torch.zeros(6, dtype=f64, requires_grad=True)
@@ -283,6 +303,19 @@ def test_output_does_not_alias_w0():
     w = fixed_point_layer(lambda w, c: w + 0 * c, solver=lambda f, w0: w0)(w0, torch.ones(3))
     w0.add_(1)
     assert torch.equal(w, torch.ones(3))
+
+
+def test_create_graph_is_refused_rather_than_silently_first_order():
+    A, lam = affine()
+    w = fixed_point_layer(lambda w, lam: A @ torch.tanh(w) + lam)(torch.zeros(6, dtype=f64), lam)
+    with pytest.raises(RuntimeError, match="not differentiable yet"):
+        torch.autograd.grad(w.sum(), lam, create_graph=True)
+
+
+def test_record_atol_is_in_the_units_of_b():
+    b = torch.tensor([100.0, 0.0])
+    for solver in (GMRES(atol=1e-3), Direct(atol=1e-3)):
+        assert solver.solve(torch.eye(2), b)[1].atol == 1e-3
 
 
 def test_no_grad_forward_works():

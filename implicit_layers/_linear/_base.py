@@ -47,7 +47,10 @@ class LinearSolver(abc.ABC):
             return torch.full_like(b, math.nan), self._trivial_record(Status.NONFINITE, math.nan)
         x0_scaled = None if x0 is None else x0 / scale
         x_scaled, record = self._run(counted, b / scale, x0_scaled, scale_value)
-        return x_scaled * scale, dataclasses.replace(record, residual=record.residual * scale_value)
+        unscaled = dataclasses.replace(
+            record, residual=record.residual * scale_value, atol=getattr(self, "atol", None)
+        )
+        return x_scaled * scale, unscaled
 
     @property
     def method(self) -> str:
@@ -117,6 +120,9 @@ class UserLinearSolver(LinearSolver):
     @property
     def method(self) -> str:
         return getattr(self.function, "__name__", type(self.function).__name__)
+
+    def __repr__(self) -> str:
+        return f"UserLinearSolver({self.method})"
 
     def _run(self, operator, b, x0, unit):
         x = self.function(operator.mv, b)

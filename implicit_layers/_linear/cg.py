@@ -15,7 +15,7 @@ class CG(IterativeLinearSolver):
     definite.
 
     In a layer's backward ``A = (I - J)^T``; that is SPD when ``Phi = w - a grad f(w)`` is a
-    gradient step on a strongly convex ``f`` with ``0 < a < 2 / L`` (then ``I - J = a H``).
+    gradient step with ``a > 0`` on a strongly convex ``f`` (then ``I - J = a H``).
     For a general map ``I - J`` is not symmetric and CG's answer is wrong: use :class:`GMRES`.
 
     One product per iteration (none for the initial residual when ``x0`` is ``None``); the

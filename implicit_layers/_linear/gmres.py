@@ -16,12 +16,13 @@ class GMRES(IterativeLinearSolver):
     """Restarted GMRES(m) (Saad and Schultz, 1986) for a general non-singular ``A``.
 
     Each iteration adds ``A v_j`` to an orthonormal Krylov basis (classical Gram-Schmidt,
-    repeated once) and picks the iterate of least residual ``||b - A x||`` in the span, so per
-    product it is never worse than :class:`Neumann`, whose iterates lie in the same space. The
-    basis holds ``restart + 1`` vectors; after ``restart`` iterations it restarts from the
-    current iterate, with the residual taken from the Arnoldi relation
-    ``b - A x = V_{m+1} (beta e_1 - H y)``, so a restart costs no product: ``k`` iterations are
-    exactly ``k`` products. This is the default backward solver: it is valid for any map.
+    repeated once) and picks the iterate of least residual ``||b - A x||`` in the span, so within
+    a restart cycle it is never worse per product than :class:`Neumann`, whose iterates lie in
+    the same space (restarts can slow it on hard systems: raise ``restart``). The basis holds
+    ``restart + 1`` vectors; after ``restart`` iterations it restarts from the current iterate,
+    with the residual taken from the Arnoldi relation ``b - A x = V_{m+1} (beta e_1 - H y)``, so
+    a restart costs no product: ``k`` iterations are exactly ``k`` products. This is the default
+    backward solver: it is valid for any map.
 
     >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0]]); b = torch.tensor([0.0, 1.0])
     >>> x, record = GMRES().solve(A, b)
