@@ -26,7 +26,7 @@ class Status(enum.Enum):
 
     CONVERGED = "converged: the residual is within the tolerance"
     MAX_ITER = "did not converge: the iteration budget ran out before the tolerance was met"
-    INACCURATE = "did not converge: the direct solve's residual is above the tolerance"
+    INACCURATE = "did not converge: the final residual is above the tolerance"
     NONFINITE = "failed: a NaN or Inf appeared"
     UNCHECKED = "finished: the solver is a user callable with no tolerance; read the residual"
 
