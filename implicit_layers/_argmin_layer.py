@@ -13,7 +13,7 @@ from ._minimize import GradientDescent, Minimizer, as_minimizer
 from ._records import OnFailure
 from ._tree import FlatSpace, tree_flatten
 
-__all__ = ["argmin_layer", "ArgminLayer"]
+__all__ = ["argmin_layer", "ArgminLayer", "gradient_residual"]
 
 DEFAULT_MINIMIZER = GradientDescent()
 DEFAULT_HESSIAN_SOLVER = CG()  # the Hessian at a strict minimum is symmetric positive definite
@@ -67,20 +67,24 @@ class ArgminLayer(ImplicitLayer):
         return as_minimizer(self.solver, space).solve(objective, w0)
 
     def _residual(self, space: FlatSpace):
-        f = self.f
-
-        def gradient(w, *params):
-            leaves = tree_flatten(w)[0]
-            with torch.enable_grad():
-                grads = torch.autograd.grad(
-                    _scalar(f(w, *params)), leaves, create_graph=True, allow_unused=True
-                )
-            return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
-
-        return gradient
+        return gradient_residual(self.f)
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, backward={self.backward_solver!r}"
+
+
+def gradient_residual(f: Callable[..., torch.Tensor]):
+    """``F(w, *params) = grad_w f(w, *params)``, with a graph, as a list of leaves."""
+
+    def gradient(w, *params):
+        leaves = tree_flatten(w)[0]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                _scalar(f(w, *params)), leaves, create_graph=True, allow_unused=True
+            )
+        return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+
+    return gradient
 
 
 def _scalar(loss: Any) -> torch.Tensor:
