@@ -7,9 +7,13 @@ backpropagating through the iterations.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._argmin_layer import ArgminLayer, argmin_layer
+from ._fixed_point_layer import FixedPointLayer, fixed_point_layer
 from ._forward import Anderson, FixedPoint, ForwardSolver
-from ._layer import FixedPointLayer, SolveInfo, fixed_point_layer
-from ._linear import CG, GMRES, BiCGSTAB, Direct, LinearSolver, Neumann, NormalCG
+from ._hypergradient import hypergradient
+from ._implicit_layer import ImplicitLayer, SolveInfo
+from ._linear import CG, GMRES, BiCGSTAB, Direct, LinearSolver, Neumann, NormalCG, Nystrom
+from ._minimize import LBFGS, GradientDescent, Minimizer
 from ._operator import FunctionOperator, LinearOperator, MatrixOperator
 from ._records import ConvergenceError, ConvergenceWarning, SolveRecord, Status
 
@@ -21,6 +25,13 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "fixed_point_layer",
     "FixedPointLayer",
+    "ImplicitLayer",
+    "argmin_layer",
+    "hypergradient",
+    "ArgminLayer",
+    "Minimizer",
+    "GradientDescent",
+    "LBFGS",
     "SolveInfo",
     "ForwardSolver",
     "FixedPoint",
@@ -31,6 +42,7 @@ __all__ = [
     "BiCGSTAB",
     "Neumann",
     "NormalCG",
+    "Nystrom",
     "Direct",
     "LinearOperator",
     "MatrixOperator",

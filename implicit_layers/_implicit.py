@@ -1,15 +1,17 @@
-"""The backward system of a fixed point, built from one evaluation of Phi at ``w*``.
+"""The backward system of an implicit layer, built from one evaluation of its residual at ``w*``.
 
-At ``w* = Phi(w*, p)`` the implicit function theorem gives ``dw*/dp = (I - J)^{-1} dPhi/dp`` with
-``J = dPhi/dw``, so for ``b = dL/dw*``: solve ``(I - J)^T x = b``, then ``dL/dp = (dPhi/dp)^T x``.
-:class:`PhiGraph` evaluates Phi once with a graph and serves every vector-Jacobian product from
-it; :class:`ImplicitOperator` is ``A = (I - J)^T`` for the linear solver.
+An implicit layer's output solves ``F(w*, p) = 0``: ``F = w - Phi(w, p)`` for a fixed point,
+``F = grad_w f(w, p)`` for an argmin. The implicit function theorem gives
+``dw*/dp = -F_w^{-1} F_p``, so for ``b = dL/dw*``: solve ``F_w^T x = b``, then
+``dL/dp = -F_p^T x``. For a fixed point ``F_w^T = (I - J)^T`` with ``J = dPhi/dw`` and
+``-F_p^T x = (dPhi/dp)^T x``; for an argmin ``F_w`` is the Hessian.
+:class:`ResidualGraph` evaluates ``F`` once with a graph and serves every vector-Jacobian
+product from it; :class:`ImplicitOperator` is ``A = F_w^T`` for the linear solver.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -17,20 +19,23 @@ import torch.autograd.forward_ad as fwAD
 from ._operator import LinearOperator
 from ._tree import FlatSpace, tree_unflatten
 
-__all__ = ["PhiGraph", "ImplicitOperator"]
+__all__ = ["Residual", "ResidualGraph", "ImplicitOperator"]
+
+# F(w, *params) -> the leaves of F, matching the leaves of w
+Residual = Callable[..., Sequence[torch.Tensor]]
 
 
-class PhiGraph:
-    """Phi at ``(w*, params)`` with a graph, built on first use (a zero ``b`` never builds it).
+class ResidualGraph:
+    """``F`` at ``(w*, params)`` with a graph, built on first use (a zero ``b`` never builds it).
 
     ``params`` are the layer's tensor params; the first ``n_substituted`` are replaced by
-    detached leaves (so the graph stays local), the rest (an ``nn.Module`` Phi's own
-    parameters) are used as they are, since Phi reads them itself.
+    detached leaves (so the graph stays local), the rest (an ``nn.Module``'s own parameters)
+    are used as they are, since the module reads them itself.
     """
 
     def __init__(
         self,
-        phi: Callable[..., Any],
+        residual: Residual,
         space: FlatSpace,
         rebuild_params: Callable[[Sequence[torch.Tensor]], tuple],
         w_star: torch.Tensor,
@@ -38,90 +43,81 @@ class PhiGraph:
         needs_grad: Sequence[bool],
         n_substituted: int,
     ):
-        self.phi, self.space, self.rebuild_params = phi, space, rebuild_params
+        self.residual, self.space, self.rebuild_params = residual, space, rebuild_params
         self.w_star, self.params, self.needs_grad = w_star, params, needs_grad
         self.n_substituted = n_substituted
         self._built = False
 
+    def _w_leaves(self) -> list[torch.Tensor]:
+        """Fresh leaves at ``w*`` that require grad (a residual may differentiate in w)."""
+        return [leaf.detach().requires_grad_() for leaf in self.space.unflatten_leaves(self.w_star)]
+
     def _build(self) -> None:
         if self._built:
             return
-        space = self.space
         with torch.enable_grad():
-            self.w_vars = [
-                leaf.detach().requires_grad_() for leaf in space.unflatten_leaves(self.w_star)
-            ]
+            self.w_vars = self._w_leaves()
             self.param_vars = [
                 (p.detach().requires_grad_(need) if p.dtype.is_floating_point else p)
                 if index < self.n_substituted
                 else p
                 for index, (p, need) in enumerate(zip(self.params, self.needs_grad))
             ]
-            out = self.phi(
-                tree_unflatten(space.spec, self.w_vars), *self.rebuild_params(self.param_vars)
-            )
-        leaves = space.check(out, "Phi's output")
-        self.outputs = [leaf for leaf in leaves if leaf.requires_grad]
-        self.output_index = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+            w = tree_unflatten(self.space.spec, self.w_vars)
+            self.outputs = list(self.residual(w, *self.rebuild_params(self.param_vars)))
         known = self.w_vars + [
             p
             for index, (p, need) in enumerate(zip(self.param_vars, self.needs_grad))
             if need or index >= self.n_substituted
         ]
-        _check_no_foreign_tensors(self.outputs, known, space)
+        _check_no_foreign_tensors(self.outputs, known, self.space)
         self._built = True
 
     def _vjp(self, vector: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``(d Phi / d inputs)^T vector`` from the one graph; zeros where Phi does not depend."""
+        """``(dF/d inputs)^T vector`` from the one graph; zeros where F does not depend."""
         self._build()
-        if not self.outputs:
-            return [torch.zeros_like(t) for t in inputs]
-        cotangents = self.space.unflatten_leaves(vector)
         grads = torch.autograd.grad(
             self.outputs,
             inputs,
-            grad_outputs=[cotangents[i] for i in self.output_index],
+            grad_outputs=self.space.unflatten_leaves(vector),
             retain_graph=True,
             allow_unused=True,
         )
         return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
-    def jtv(self, vector: torch.Tensor) -> torch.Tensor:
-        """``J^T v``: one vector-Jacobian product."""
+    def vjp_w(self, vector: torch.Tensor) -> torch.Tensor:
+        """``F_w^T v``: one vector-Jacobian product."""
         self._build()
         return self.space.flatten_leaves(self._vjp(vector, self.w_vars))
 
-    def jv(self, vector: torch.Tensor) -> torch.Tensor:
-        """``J v`` by forward-mode AD: one evaluation of Phi with dual numbers."""
+    def jvp_w(self, vector: torch.Tensor) -> torch.Tensor:
+        """``F_w v`` by forward-mode AD: one evaluation of ``F`` with dual numbers."""
         space = self.space
-        tangents = space.unflatten_leaves(vector)
         with fwAD.dual_level(), torch.enable_grad():
             duals = [
-                fwAD.make_dual(leaf.detach().requires_grad_(), tangent)
-                for leaf, tangent in zip(space.unflatten_leaves(self.w_star), tangents)
+                fwAD.make_dual(leaf, tangent)
+                for leaf, tangent in zip(self._w_leaves(), space.unflatten_leaves(vector))
             ]
             constants = [p.detach() for p in self.params[: self.n_substituted]]
             params = self.rebuild_params(constants + list(self.params[self.n_substituted :]))
-            out = self.phi(tree_unflatten(space.spec, duals), *params)
-            leaves = space.check(out, "Phi's output")
-            columns = [fwAD.unpack_dual(leaf).tangent for leaf in leaves]
+            leaves = self.residual(tree_unflatten(space.spec, duals), *params)
+            tangents = [fwAD.unpack_dual(leaf).tangent for leaf in leaves]
         return space.flatten_leaves(
             [
-                torch.zeros_like(leaf) if c is None else c.detach()
-                for c, leaf in zip(columns, leaves)
+                torch.zeros_like(leaf) if t is None else t.detach()
+                for t, leaf in zip(tangents, leaves)
             ]
         )
 
     def param_grads(self, x: torch.Tensor) -> list[torch.Tensor | None]:
-        """``(dPhi/dparams)^T x`` for every param that needs a gradient (``None`` for others)."""
+        """``-F_p^T x`` for every param that needs a gradient (``None`` for the others)."""
         wanted = [i for i, need in enumerate(self.needs_grad) if need]
         if not wanted:
             return [None] * len(self.params)
         if not self._built and not bool(x.any()):  # b was zero: no graph was needed
             grads = [torch.zeros_like(self.params[i]) for i in wanted]
         else:
-            self._build()
-            grads = self._vjp(x, [self.param_vars[i] for i in wanted])
+            grads = [-g for g in self._vjp(x, [self.param_vars[i] for i in wanted])]
         result: list[torch.Tensor | None] = [None] * len(self.params)
         for i, g in zip(wanted, grads):
             result[i] = g
@@ -129,27 +125,26 @@ class PhiGraph:
 
 
 class ImplicitOperator(LinearOperator):
-    """``A = (I - J)^T`` at the fixed point: ``mv`` is one VJP, ``rmv`` one JVP."""
+    """``A = F_w^T`` at the solution: ``mv`` is one VJP, ``rmv`` one JVP."""
 
-    def __init__(self, graph: PhiGraph):
+    def __init__(self, graph: ResidualGraph):
         self.graph = graph
         self.size = graph.space.size
         self.dtype = graph.space.dtype
         self.device = graph.space.device
 
     def mv(self, vector: torch.Tensor) -> torch.Tensor:
-        return vector - self.graph.jtv(vector)
+        return self.graph.vjp_w(vector)
 
     def rmv(self, vector: torch.Tensor) -> torch.Tensor:
-        return vector - self.graph.jv(vector)
+        return self.graph.jvp_w(vector)
 
 
 def _check_no_foreign_tensors(
     outputs: Sequence[torch.Tensor], known: Sequence[torch.Tensor], space: FlatSpace
 ) -> None:
-    """Raise if Phi's graph reaches a tensor that requires grad but is not a layer input.
-
-    Such a tensor (one Phi closes over) would silently get no gradient.
+    """Raise if the residual's graph reaches a tensor that requires grad but is not a layer
+    input: such a tensor (one the user's function closes over) would silently get no gradient.
     """
     known_ids = {id(t) for t in known}
     foreign: list[torch.Tensor] = []
@@ -157,7 +152,7 @@ def _check_no_foreign_tensors(
     stack: list = []
     for out in outputs:
         if out.grad_fn is None:
-            if id(out) not in known_ids:
+            if out.requires_grad and id(out) not in known_ids:
                 foreign.append(out)
         else:
             stack.append(out.grad_fn)
@@ -176,14 +171,14 @@ def _check_no_foreign_tensors(
         return
     shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:5])
     hint = ""
-    if any(tuple(t.shape) in {tuple(s) for s in space.shapes} for t in foreign):
+    if any(tuple(t.shape) in set(space.shapes) for t in foreign):
         hint = (
-            " If Phi takes gradients inside, do not detach w: use torch.enable_grad() and call "
-            "w.requires_grad_() only when w does not already require grad."
+            " If your function takes gradients inside, do not detach w: use torch.enable_grad() "
+            "and call w.requires_grad_() only when w does not already require grad."
         )
     raise RuntimeError(
-        f"Phi uses {len(foreign)} tensor(s) that require grad but are not inputs of the layer "
-        f"(shapes {shapes}); they would silently get no gradient. Pass them as params, "
-        "layer(w0, *params), make Phi an nn.Module (its parameters are then inputs), or "
-        f"detach them if they are constants.{hint}"
+        f"the layer's function uses {len(foreign)} tensor(s) that require grad but are not "
+        f"inputs of the layer (shapes {shapes}); they would silently get no gradient. Pass them "
+        "as params, layer(w0, *params), make the function an nn.Module (its parameters are then "
+        f"inputs), or detach them if they are constants.{hint}"
     )

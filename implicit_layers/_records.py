@@ -26,9 +26,9 @@ class Status(enum.Enum):
 
     CONVERGED = "converged: the residual is within the tolerance"
     MAX_ITER = "did not converge: the iteration budget ran out before the tolerance was met"
-    INACCURATE = "did not converge: the direct solve's residual is above the tolerance"
+    INACCURATE = "did not converge: the final residual is above the tolerance"
     NONFINITE = "failed: a NaN or Inf appeared"
-    UNCHECKED = "finished: the solver is a user callable with no tolerance; read the residual"
+    UNCHECKED = "finished: the method has no tolerance to judge by; read the residual"
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ _ADVICE = {
     "definite I - J and `Neumann` only when the spectral radius of J is below 1.",
     ("backward", Status.INACCURATE): "I - J is ill-conditioned at w*; solve in float64 or "
     "check that Phi is a contraction near w*.",
+    ("hypergradient", Status.MAX_ITER): "Increase the method's `max_iter` or `tol`; check "
+    "that w is close to a strict minimum of the inner loss (a positive definite Hessian).",
     ("forward", Status.NONFINITE): "Check Phi for overflow (a step size too large?) and the "
     "initial guess and params for NaN/Inf.",
     ("backward", Status.NONFINITE): "Check the incoming gradient dL/dw* and Phi's derivatives at "

@@ -357,3 +357,24 @@ def test_cuda_matches_cpu(backward):
         grads.append(lam.grad.cpu())
     assert torch.allclose(grads[0], grads[1], atol=1e-8)
     assert torch.allclose(grads[0], reference_grad(A, g), atol=1e-8)
+
+
+def test_a_user_solver_calling_backward_leaves_params_alone():
+    A, lam = affine()
+
+    def solver_with_backward(f, w0):
+        w = w0
+        for _ in range(200):
+            w = f(w)
+        with torch.enable_grad():  # a careless inner loop: backward through Phi's params
+            probe = w.clone().requires_grad_()
+            f(probe).sum().backward()
+        return w
+
+    w = fixed_point_layer(lambda w, lam: A @ w + lam, solver=solver_with_backward)(
+        torch.zeros(6, dtype=f64), lam
+    )
+    assert lam.grad is None
+    g = torch.randn(6, dtype=f64)
+    (w @ g).backward()
+    assert torch.allclose(lam.grad, reference_grad(A, g), atol=1e-8)

@@ -7,6 +7,7 @@ from .direct import Direct
 from .gmres import GMRES
 from .neumann import Neumann
 from .normal_cg import NormalCG
+from .nystrom import Nystrom
 
 __all__ = [
     "LinearSolver",
@@ -19,4 +20,5 @@ __all__ = [
     "GMRES",
     "Neumann",
     "NormalCG",
+    "Nystrom",
 ]

@@ -1,0 +1,124 @@
+"""``fixed_point_layer``: a fixed point ``w* = Phi(w*, *params)`` as a differentiable layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._forward import Anderson, ForwardSolver, as_forward_solver
+from ._implicit_layer import ImplicitLayer
+from ._linear import GMRES, LinearSolver
+from ._records import OnFailure
+from ._tree import tree_flatten
+
+__all__ = ["fixed_point_layer", "FixedPointLayer"]
+
+# Solvers are immutable, so one default instance can serve every layer.
+DEFAULT_SOLVER = Anderson()
+DEFAULT_BACKWARD = GMRES()  # valid for any map, unlike CG
+
+
+class FixedPointLayer(ImplicitLayer):
+    """A layer returning the fixed point ``w* = Phi(w*, *params)``, differentiable in ``params``.
+
+    Forward: ``solver`` iterates ``w -> Phi(w, *params)`` from ``w0`` with no graph kept (Phi runs
+    under ``torch.no_grad()``; a Phi that takes gradients inside must enable them itself).
+    Backward: with ``b = dL/dw*``, ``backward`` solves ``(I - J)^T x = b`` for
+    ``J = dPhi/dw`` at ``(w*, params)``, using vector-Jacobian products from a single evaluation
+    of Phi with a graph, and each param that requires grad receives ``(dPhi/dparam)^T x``.
+
+    * ``w0`` is a floating-point tensor or a pytree (nested tuple/list/dict) of tensors of one
+      dtype and device; a leading batch dimension is just part of the vector. No gradient
+      flows to ``w0``: the fixed point does not depend on where the search started.
+    * ``params`` may be tensors, pytrees of tensors (a dict of weights) or non-tensors, which
+      are passed through as constants.
+    * Tensors Phi closes over instead of taking as params would get no gradient; the backward
+      raises if it finds any that require grad. Pass them as params, or make Phi an
+      ``nn.Module``: its parameters are then inputs of the layer and get gradients.
+    * Records: ``layer.last_forward`` and ``layer.last_backward`` hold the records of the most
+      recent solves; :meth:`solve` returns a per-call :class:`SolveInfo`. A failed solve (budget
+      exhausted, NaN/Inf) warns (``on_failure="warn"``), raises :class:`ConvergenceError`
+      (``"raise"``) or is only recorded (``"ignore"``).
+
+    >>> A = torch.tensor([[0.5, 0.1], [0.0, 0.3]])
+    >>> layer = fixed_point_layer(lambda w, c: A @ w + c)
+    >>> c = torch.ones(2, requires_grad=True)
+    >>> w = layer(torch.zeros(2), c)
+    >>> w.sum().backward()
+    >>> torch.allclose(c.grad, torch.linalg.solve((torch.eye(2) - A).T, torch.ones(2)))
+    True
+    >>> layer.last_forward.converged, layer.last_backward.method
+    (True, 'GMRES')
+    """
+
+    def __init__(
+        self,
+        phi: Callable[..., Any],
+        solver: ForwardSolver | Callable = DEFAULT_SOLVER,
+        backward: LinearSolver | Callable = DEFAULT_BACKWARD,
+        on_failure: OnFailure = "warn",
+    ):
+        super().__init__(phi, backward, on_failure)
+        if not (isinstance(solver, ForwardSolver) or callable(solver)):
+            raise TypeError(
+                "`solver` must be a forward solver (FixedPoint(), Anderson()) or a callable "
+                f"(f, w0) -> w; got {type(solver).__name__}."
+            )
+        self.solver = solver
+
+    _function_name = "phi"
+
+    def _find(self, phi, space, params, w0):
+        def step(w: torch.Tensor) -> torch.Tensor:
+            return space.flatten_leaves(
+                space.check(phi(space.unflatten(w), *params), "Phi's output")
+            )
+
+        return as_forward_solver(self.solver, space).solve(step, w0)
+
+    def _residual(self, space):
+        phi = self.phi
+
+        def residual(w, *params):
+            out = space.check(phi(w, *params), "Phi's output")
+            return [w_leaf - out_leaf for w_leaf, out_leaf in zip(tree_flatten(w)[0], out)]
+
+        return residual
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, backward={self.backward_solver!r}"
+
+
+def fixed_point_layer(
+    phi: Callable[..., Any] | None = None,
+    /,
+    *,
+    solver: ForwardSolver | Callable = DEFAULT_SOLVER,
+    backward: LinearSolver | Callable = DEFAULT_BACKWARD,
+    on_failure: OnFailure = "warn",
+):
+    """Make a :class:`FixedPointLayer` from ``phi(w, *params)``; also usable as a decorator.
+
+    ``solver`` finds the fixed point: :class:`Anderson` (default), :class:`FixedPoint`, or a
+    callable ``solver(f, w0) -> w`` such as a user's own inner training loop. ``backward`` solves
+    ``(I - J)^T x = dL/dw*``: :class:`GMRES` (default, valid for any map), :class:`BiCGSTAB`,
+    :class:`Neumann`, :class:`NormalCG`, :class:`Direct`, :class:`CG` (only when ``I - J`` is
+    symmetric positive definite, as for gradient steps ``Phi = w - a grad f``), or a callable
+    ``backward(matvec, b) -> x``.
+
+    >>> @fixed_point_layer(solver=FixedPoint(tol=1e-8), backward=Neumann())
+    ... def halfway(w, target):
+    ...     return 0.5 * (w + target)
+    >>> target = torch.tensor([2.0], requires_grad=True)
+    >>> w = halfway(torch.zeros(1), target)
+    >>> w.backward()
+    >>> round(w.item(), 4), round(target.grad.item(), 4)
+    (2.0, 1.0)
+    """
+
+    def make(function: Callable[..., Any]) -> FixedPointLayer:
+        return FixedPointLayer(function, solver=solver, backward=backward, on_failure=on_failure)
+
+    return make if phi is None else make(phi)
