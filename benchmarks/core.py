@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from implicit_layers import CG, fixed_point_layer
+from implicit_layers import CG, argmin_layer, fixed_point_layer
 
 
 def make_problem(n: int, d: int, dtype: torch.dtype, seed: int = 0):
@@ -76,9 +76,10 @@ def baseline(problem, w_star: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def layer_hypergradient(
-    problem, w_star: torch.Tensor, k: int, step: float
+    problem, w_star: torch.Tensor, k: int, step: float | None
 ) -> Callable[[], torch.Tensor]:
-    """A closure computing the hypergradient through ``fixed_point_layer``'s backward."""
+    """A closure computing the hypergradient through a layer's backward: ``fixed_point_layer``
+    on the gradient step with ``step``, or ``argmin_layer`` when ``step`` is ``None``."""
     X, y = problem["X"], problem["y"]
 
     def phi(w, lam):
@@ -87,11 +88,17 @@ def layer_hypergradient(
             (g,) = torch.autograd.grad(inner_loss(w_in, lam, X, y), w_in, create_graph=True)
         return w - step * g
 
-    layer = fixed_point_layer(
-        phi, solver=lambda f, w0: w0, backward=CG(max_iter=k, tol=0.0), on_failure="ignore"
-    )
+    def given(f, w0):  # the forward returns w* as given: we time the backward only
+        return w0
+
+    backward = CG(max_iter=k, tol=0.0)
+    if step is None:
+        inner = functools.partial(inner_loss, X=X, y=y)
+        layer = argmin_layer(inner, solver=given, backward=backward, on_failure="ignore")
+    else:
+        layer = fixed_point_layer(phi, solver=given, backward=backward, on_failure="ignore")
     lam = problem["lam"].detach().requires_grad_()
-    w = layer(w_star, lam)  # the forward returns w* as given: we time the backward only
+    w = layer(w_star, lam)
     loss = outer_loss(w, problem["X_val"], problem["y_val"])
 
     def run() -> torch.Tensor:
@@ -101,14 +108,18 @@ def layer_hypergradient(
     return run
 
 
-def median_time(function: Callable[[], torch.Tensor], repeats: int) -> float:
-    function()  # warm-up
-    times = []
+def median_times(functions: list[Callable[[], torch.Tensor]], repeats: int) -> list[float]:
+    """Median time of each function, sampled alternately so that drift in the machine's load
+    hits every contender alike."""
+    for function in functions:
+        function()  # warm-up
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for function, samples in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -120,7 +131,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--d", type=int, default=1000)
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -139,24 +150,24 @@ def main() -> None:
         f"ridge, n={args.n}, d={args.d}, {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; median of {args.repeats}"
     )
-    columns = ["k", "baseline ms", "layer ms", "ratio", "baseline err", "layer err"]
-    widths = [4, 12, 10, 7, 13, 10]
+    columns = ["k", "baseline ms", "layer ms", "ratio", "argmin ms", "ratio"]
+    columns += ["baseline err", "layer err", "argmin err"]
+    widths = [4, 12, 10, 7, 10, 7, 13, 10, 11]
     header = " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     print(header)
     print("-" * len(header))
     for k in args.ks:
-        run_baseline = functools.partial(baseline, problem, w_star, k)
-        run_layer = layer_hypergradient(problem, w_star, k, step)
-        # interleave the two so that drift in machine load hits both alike
-        t_base = median_time(run_baseline, args.repeats)
-        t_layer = median_time(run_layer, args.repeats)
-        t_base = min(t_base, median_time(run_baseline, args.repeats))
-        t_layer = min(t_layer, median_time(run_layer, args.repeats))
-        e_base = relative_error(run_baseline(), hyper_exact)
-        e_layer = relative_error(run_layer(), hyper_exact)
+        runs = [
+            functools.partial(baseline, problem, w_star, k),
+            layer_hypergradient(problem, w_star, k, step),
+            layer_hypergradient(problem, w_star, k, None),
+        ]
+        t_base, t_layer, t_argmin = median_times(runs, args.repeats)
+        e_base, e_layer, e_argmin = (relative_error(run(), hyper_exact) for run in runs)
         print(
             f"{k:>4} {1e3 * t_base:>12.2f} {1e3 * t_layer:>10.2f} {t_layer / t_base:>7.3f} "
-            f"{e_base:>13.3e} {e_layer:>10.3e}"
+            f"{1e3 * t_argmin:>10.2f} {t_argmin / t_base:>7.3f} "
+            f"{e_base:>13.3e} {e_layer:>10.3e} {e_argmin:>11.3e}"
         )
 
 

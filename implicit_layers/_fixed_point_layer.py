@@ -11,7 +11,6 @@ from ._forward import Anderson, ForwardSolver, as_forward_solver
 from ._implicit_layer import ImplicitLayer
 from ._linear import GMRES, LinearSolver
 from ._records import OnFailure
-from ._tree import tree_flatten
 
 __all__ = ["fixed_point_layer", "FixedPointLayer"]
 
@@ -78,12 +77,13 @@ class FixedPointLayer(ImplicitLayer):
 
         return as_forward_solver(self.solver, space).solve(step, w0)
 
+    _identity_minus = True  # F = w - Phi
+
     def _residual(self, space):
         phi = self.phi
 
         def residual(w, *params):
-            out = space.check(phi(w, *params), "Phi's output")
-            return [w_leaf - out_leaf for w_leaf, out_leaf in zip(tree_flatten(w)[0], out)]
+            return space.check(phi(w, *params), "Phi's output")
 
         return residual
 

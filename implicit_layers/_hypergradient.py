@@ -71,6 +71,7 @@ def hypergradient(
         lam_leaves,
         [True] * len(lam_leaves),
         len(lam_leaves),
+        identity_minus=False,
     )
     x, record = as_linear_solver(method).solve(ImplicitOperator(graph), b)
     report(record, "hypergradient", on_failure)

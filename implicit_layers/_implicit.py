@@ -5,8 +5,11 @@ An implicit layer's output solves ``F(w*, p) = 0``: ``F = w - Phi(w, p)`` for a 
 ``dw*/dp = -F_w^{-1} F_p``, so for ``b = dL/dw*``: solve ``F_w^T x = b``, then
 ``dL/dp = -F_p^T x``. For a fixed point ``F_w^T = (I - J)^T`` with ``J = dPhi/dw`` and
 ``-F_p^T x = (dPhi/dp)^T x``; for an argmin ``F_w`` is the Hessian.
-:class:`ResidualGraph` evaluates ``F`` once with a graph and serves every vector-Jacobian
-product from it; :class:`ImplicitOperator` is ``A = F_w^T`` for the linear solver.
+
+:class:`ResidualGraph` evaluates ``G`` once with a graph, where ``F = w - G`` (a fixed point,
+``G = Phi``) or ``F = G`` (an argmin), and serves every vector-Jacobian product from it: the
+identity is applied as a vector subtraction rather than as one more node in every product.
+:class:`ImplicitOperator` is ``A = F_w^T`` for the linear solver.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from ._tree import FlatSpace, tree_unflatten
 
 __all__ = ["Residual", "ResidualGraph", "ImplicitOperator"]
 
-# F(w, *params) -> the leaves of F, matching the leaves of w
+# G(w, *params) -> the leaves of G, matching the leaves of w
 Residual = Callable[..., Sequence[torch.Tensor]]
 
 
 class ResidualGraph:
-    """``F`` at ``(w*, params)`` with a graph, built on first use (a zero ``b`` never builds it).
+    """``G`` at ``(w*, params)`` with a graph, built on first use (a zero ``b`` never builds it);
+    ``F = w - G`` when ``identity_minus`` (a fixed point), else ``F = G``.
 
     ``params`` are the layer's tensor params; the first ``n_substituted`` are replaced by
     detached leaves (so the graph stays local), the rest (an ``nn.Module``'s own parameters)
@@ -42,8 +46,10 @@ class ResidualGraph:
         params: Sequence[torch.Tensor],
         needs_grad: Sequence[bool],
         n_substituted: int,
+        identity_minus: bool,
     ):
         self.residual, self.space, self.rebuild_params = residual, space, rebuild_params
+        self.identity_minus = identity_minus
         self.w_star, self.params, self.needs_grad = w_star, params, needs_grad
         self.n_substituted = n_substituted
         self._built = False
@@ -88,7 +94,8 @@ class ResidualGraph:
     def vjp_w(self, vector: torch.Tensor) -> torch.Tensor:
         """``F_w^T v``: one vector-Jacobian product."""
         self._build()
-        return self.space.flatten_leaves(self._vjp(vector, self.w_vars))
+        product = self.space.flatten_leaves(self._vjp(vector, self.w_vars))
+        return vector - product if self.identity_minus else product
 
     def jvp_w(self, vector: torch.Tensor) -> torch.Tensor:
         """``F_w v`` by forward-mode AD: one evaluation of ``F`` with dual numbers."""
@@ -102,12 +109,13 @@ class ResidualGraph:
             params = self.rebuild_params(constants + list(self.params[self.n_substituted :]))
             leaves = self.residual(tree_unflatten(space.spec, duals), *params)
             tangents = [fwAD.unpack_dual(leaf).tangent for leaf in leaves]
-        return space.flatten_leaves(
+        product = space.flatten_leaves(
             [
                 torch.zeros_like(leaf) if t is None else t.detach()
                 for t, leaf in zip(tangents, leaves)
             ]
         )
+        return vector - product if self.identity_minus else product
 
     def param_grads(self, x: torch.Tensor) -> list[torch.Tensor | None]:
         """``-F_p^T x`` for every param that needs a gradient (``None`` for the others)."""
@@ -117,7 +125,9 @@ class ResidualGraph:
         if not self._built and not bool(x.any()):  # b was zero: no graph was needed
             grads = [torch.zeros_like(self.params[i]) for i in wanted]
         else:
-            grads = [-g for g in self._vjp(x, [self.param_vars[i] for i in wanted])]
+            grads = self._vjp(x, [self.param_vars[i] for i in wanted])
+            if not self.identity_minus:  # -F_p^T x = -G_p^T x; for F = w - G it is +G_p^T x
+                grads = [-g for g in grads]
         result: list[torch.Tensor | None] = [None] * len(self.params)
         for i, g in zip(wanted, grads):
             result[i] = g

@@ -93,7 +93,10 @@ class ImplicitLayer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def _residual(self, space: FlatSpace) -> Residual:
-        """``F(w, *params)`` as a list of leaves matching ``w``."""
+        """``G(w, *params)`` as a list of leaves matching ``w``: ``F = w - G`` when the class
+        sets ``_identity_minus`` (a fixed point), else ``F = G``."""
+
+    _identity_minus = False
 
 
 class _Call:
@@ -154,6 +157,7 @@ class _Call:
             tensors,
             needs,
             self.n_explicit,
+            self.layer._identity_minus,
         )
         x, record = self.layer.backward_solver.solve(ImplicitOperator(graph), b.reshape(-1))
         self.info.backward = self.layer.last_backward = record

@@ -116,16 +116,22 @@ class FlatSpace:
         self.size = sum(self.numels)
         self.dtype = first.dtype
         self.device = first.device
+        # a single 1-D tensor is its own flat vector: no view on the hot path of every product
+        self._is_flat = len(self.shapes) == 1 and len(self.shapes[0]) == 1
 
     def flatten(self, tree: Any) -> torch.Tensor:
         return self.flatten_leaves(tree_flatten(tree)[0])
 
     def flatten_leaves(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self._is_flat:
+            return leaves[0]
         if len(leaves) == 1:
             return leaves[0].reshape(-1)
         return torch.cat([leaf.reshape(-1) for leaf in leaves])
 
     def unflatten_leaves(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        if self._is_flat:
+            return [vector]
         if len(self.shapes) == 1:
             return [vector.view(self.shapes[0])]
         return [part.view(shape) for part, shape in zip(vector.split(self.numels), self.shapes)]
