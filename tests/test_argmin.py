@@ -170,6 +170,15 @@ def test_user_inner_loop_and_pytree_weights():
     assert torch.allclose(lam.grad, grad_ref, rtol=1e-6, atol=1e-10)
 
 
+def test_gradient_descent_warm_started_at_the_minimum_stops_at_once():
+    X, y, _, _, log_lam = ridge_data(30, 4, 5)
+    layer = argmin_layer(ridge_loss(X, y), solver=GradientDescent(lr=0.5, tol=1e-10, max_iter=5000))
+    w = layer(torch.zeros(4, dtype=f64), log_lam)
+    cold = layer.last_forward.iterations
+    layer(w.detach(), log_lam)
+    assert layer.last_forward.converged and layer.last_forward.iterations == 1 < cold
+
+
 def test_non_scalar_objective_is_a_clear_error():
     layer = argmin_layer(lambda w, c: (w - c) ** 2)
     with pytest.raises(ValueError, match="f must return a scalar tensor"):

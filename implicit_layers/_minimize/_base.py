@@ -1,8 +1,8 @@
 """The base of every inner minimizer: find ``w* = argmin_w f(w)`` from ``w0``.
 
-A minimizer's residual is the stationarity ``||grad f(w)||``, judged relative to the gradient at
-the start: it stops once ``||grad f(w)|| <= atol + tol * ||grad f(w0)||``. ``products`` counts
-gradient evaluations.
+Each minimizer states its stopping rule (:class:`GradientDescent`: the size of its step relative
+to ``w``; :class:`LBFGS`: the gradient relative to the first one). ``products`` counts gradient
+evaluations.
 """
 
 from __future__ import annotations

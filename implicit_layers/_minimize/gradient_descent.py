@@ -13,10 +13,12 @@ from ._base import CountingObjective, Minimizer
 class GradientDescent(IterativeMethod, Minimizer):
     """Gradient descent ``w <- w - lr grad f(w)``.
 
-    Stops once ``||grad f(w)|| <= atol + tol * ||grad f(w0)||`` or after ``max_iter`` gradient
-    evaluations (defaults 100, 1e-6, 0, as for every iterative method); returns the last point
-    whose gradient was measured. Converges for an ``L``-smooth strongly convex ``f`` when
-    ``0 < lr < 2 / L``.
+    It is :class:`FixedPoint` on the gradient step ``w - lr grad f(w)``, and stops as it does:
+    once the step is small, ``lr ||grad f(w)|| <= atol + tol * ||w||``, or after ``max_iter``
+    gradient evaluations (defaults 100, 1e-6, 0, as for every iterative method). The rule is
+    relative to ``w``, not to the first gradient, so a warm start near the minimum stops at
+    once. Returns the last point whose gradient was measured. Converges for an ``L``-smooth
+    strongly convex ``f`` when ``0 < lr < 2 / L``.
 
     >>> w, record = GradientDescent(lr=0.5, tol=1e-8).solve(lambda w: ((w - 3) ** 2).sum(),
     ...                                                      torch.zeros(2))
@@ -40,17 +42,14 @@ class _DescentState(IterationState):
     def __init__(self, objective, w0, lr):
         self.objective, self.w, self.lr = objective, w0, lr
         self.proposal = None
-        self.scale = None
 
     def step(self):
         if self.proposal is not None:
             self.w = self.proposal
         _, grad = self.objective(self.w)
-        norm = torch.linalg.vector_norm(grad)
-        if self.scale is None:
-            self.scale = norm
-        self.proposal = self.w - self.lr * grad
-        return norm, self.scale
+        step = self.lr * grad
+        self.proposal = self.w - step
+        return torch.linalg.vector_norm(step), torch.linalg.vector_norm(self.w)
 
     def result(self) -> torch.Tensor:
         return self.w

@@ -17,8 +17,10 @@ class LBFGS(Minimizer):
     ``(atol + tol * ||grad f(w0)||) / sqrt(n)``, which guarantees the library's rule
     ``||grad f(w)|| <= atol + tol * ||grad f(w0)||``. The final gradient is then measured (one
     extra evaluation, counted) and judged by that rule: status ``CONVERGED`` or ``INACCURATE``.
-    The line search compares function values, so relative gradients much below ``sqrt(eps)``
-    (about 1e-8 in float64, 3e-4 in float32) may be out of reach: set ``tol`` above that.
+    The rule is relative to the first gradient: when warm-starting close to the minimum, give
+    an ``atol`` as well. The line search compares function values, so relative gradients much
+    below ``sqrt(eps)`` (about 1e-8 in float64, 3e-4 in float32) may be out of reach: set
+    ``tol`` above that.
 
     >>> w, record = LBFGS(tol=1e-8).solve(lambda w: ((w - 3) ** 2).sum() + w.prod() ** 2,
     ...                                    torch.zeros(2, dtype=torch.float64))
