@@ -44,6 +44,8 @@ class ArgminLayer(ImplicitLayer):
     """
 
     _function_name = "f"
+    _solver_type = Minimizer
+    _solver_examples = "GradientDescent(), LBFGS()"
 
     def __init__(
         self,
@@ -52,13 +54,7 @@ class ArgminLayer(ImplicitLayer):
         backward: LinearSolver | Callable = DEFAULT_HESSIAN_SOLVER,
         on_failure: OnFailure = "warn",
     ):
-        super().__init__(f, backward, on_failure)
-        if not (isinstance(solver, Minimizer) or callable(solver)):
-            raise TypeError(
-                "`solver` must be a minimizer (GradientDescent(), LBFGS()) or a callable "
-                f"(f, w0) -> w; got {type(solver).__name__}."
-            )
-        self.solver = solver
+        super().__init__(f, solver, backward, on_failure)
 
     def _find(self, f, space, params, w0):
         def objective(w: torch.Tensor) -> torch.Tensor:
@@ -68,9 +64,6 @@ class ArgminLayer(ImplicitLayer):
 
     def _residual(self, space: FlatSpace):
         return gradient_residual(self.f)
-
-    def extra_repr(self) -> str:
-        return f"solver={self.solver!r}, backward={self.backward_solver!r}"
 
 
 def gradient_residual(f: Callable[..., torch.Tensor]):

@@ -59,15 +59,11 @@ class FixedPointLayer(ImplicitLayer):
         backward: LinearSolver | Callable = DEFAULT_BACKWARD,
         on_failure: OnFailure = "warn",
     ):
-        super().__init__(phi, backward, on_failure)
-        if not (isinstance(solver, ForwardSolver) or callable(solver)):
-            raise TypeError(
-                "`solver` must be a forward solver (FixedPoint(), Anderson()) or a callable "
-                f"(f, w0) -> w; got {type(solver).__name__}."
-            )
-        self.solver = solver
+        super().__init__(phi, solver, backward, on_failure)
 
     _function_name = "phi"
+    _solver_type = ForwardSolver
+    _solver_examples = "FixedPoint(), Anderson()"
 
     def _find(self, phi, space, params, w0):
         def step(w: torch.Tensor) -> torch.Tensor:
@@ -86,9 +82,6 @@ class FixedPointLayer(ImplicitLayer):
             return space.check(phi(w, *params), "Phi's output")
 
         return residual
-
-    def extra_repr(self) -> str:
-        return f"solver={self.solver!r}, backward={self.backward_solver!r}"
 
 
 def fixed_point_layer(

@@ -44,7 +44,11 @@ class ImplicitLayer(nn.Module, abc.ABC):
     """
 
     def __init__(
-        self, function: Callable[..., Any], backward: LinearSolver | Callable, on_failure: OnFailure
+        self,
+        function: Callable[..., Any],
+        solver: Any,
+        backward: LinearSolver | Callable,
+        on_failure: OnFailure,
     ):
         super().__init__()
         if not callable(function):
@@ -57,13 +61,21 @@ class ImplicitLayer(nn.Module, abc.ABC):
                 f"`on_failure` must be one of {', '.join(map(repr, ON_FAILURE_CHOICES))}; "
                 f"got {on_failure!r}."
             )
+        if not (isinstance(solver, self._solver_type) or callable(solver)):
+            raise TypeError(
+                f"`solver` must be a {self._solver_type.__name__} ({self._solver_examples}) or a "
+                f"callable (f, w0) -> w; got {type(solver).__name__}."
+            )
         setattr(self, self._function_name, function)  # an nn.Module becomes a submodule
+        self.solver = solver
         self.backward_solver = as_linear_solver(backward)
         self.on_failure = on_failure
         self.last_forward: SolveRecord | None = None
         self.last_backward: SolveRecord | None = None
 
     _function_name = "function"
+    _solver_type: type = object  # the solver objects a subclass accepts, besides callables
+    _solver_examples = ""
 
     @property
     def function(self) -> Callable[..., Any]:
@@ -80,6 +92,9 @@ class ImplicitLayer(nn.Module, abc.ABC):
         call = _Call(self, space, params)
         w_star = _ImplicitFunction.apply(call, space.flatten(w0).detach(), *call.tensors)
         return space.unflatten(w_star), call.info
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, backward={self.backward_solver!r}"
 
     @abc.abstractmethod
     def _find(

@@ -188,7 +188,7 @@ def test_non_scalar_objective_is_a_clear_error():
 def test_unknown_minimizer_option():
     with pytest.raises(TypeError, match="Did you mean `max_iter`"):
         GradientDescent(max_iters=3)
-    with pytest.raises(TypeError, match="`solver` must be a minimizer"):
+    with pytest.raises(TypeError, match="`solver` must be a Minimizer"):
         argmin_layer(lambda w: w.sum(), solver="lbfgs")
 
 

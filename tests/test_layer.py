@@ -175,7 +175,7 @@ def test_unknown_option_names_it_and_suggests():
         fixed_point_layer(lambda w: w, on_failure="loud")
     with pytest.raises(TypeError, match="`backward` must be a linear solver"):
         fixed_point_layer(lambda w: w, backward="cg")
-    with pytest.raises(TypeError, match="`solver` must be a forward solver"):
+    with pytest.raises(TypeError, match="`solver` must be a ForwardSolver"):
         fixed_point_layer(lambda w: w, solver=3)
 
 
