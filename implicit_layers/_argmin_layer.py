@@ -53,8 +53,9 @@ class ArgminLayer(ImplicitLayer):
         solver: Minimizer | Callable = DEFAULT_MINIMIZER,
         backward: LinearSolver | Callable = DEFAULT_HESSIAN_SOLVER,
         on_failure: OnFailure = "warn",
+        warm_start: bool = False,
     ):
-        super().__init__(f, solver, backward, on_failure)
+        super().__init__(f, solver, backward, on_failure, warm_start)
 
     def _find(self, f, space, params, w0):
         def objective(w: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,7 @@ def argmin_layer(
     solver: Minimizer | Callable = DEFAULT_MINIMIZER,
     backward: LinearSolver | Callable = DEFAULT_HESSIAN_SOLVER,
     on_failure: OnFailure = "warn",
+    warm_start: bool = False,
 ):
     """Make an :class:`ArgminLayer` from ``f(w, *params)``; also usable as a decorator.
 
@@ -112,6 +114,8 @@ def argmin_layer(
     """
 
     def make(function: Callable[..., torch.Tensor]) -> ArgminLayer:
-        return ArgminLayer(function, solver=solver, backward=backward, on_failure=on_failure)
+        return ArgminLayer(
+            function, solver=solver, backward=backward, on_failure=on_failure, warm_start=warm_start
+        )
 
     return make if f is None else make(f)

@@ -58,8 +58,9 @@ class FixedPointLayer(ImplicitLayer):
         solver: ForwardSolver | Callable = DEFAULT_SOLVER,
         backward: LinearSolver | Callable = DEFAULT_BACKWARD,
         on_failure: OnFailure = "warn",
+        warm_start: bool = False,
     ):
-        super().__init__(phi, solver, backward, on_failure)
+        super().__init__(phi, solver, backward, on_failure, warm_start)
 
     _function_name = "phi"
     _solver_type = ForwardSolver
@@ -91,6 +92,7 @@ def fixed_point_layer(
     solver: ForwardSolver | Callable = DEFAULT_SOLVER,
     backward: LinearSolver | Callable = DEFAULT_BACKWARD,
     on_failure: OnFailure = "warn",
+    warm_start: bool = False,
 ):
     """Make a :class:`FixedPointLayer` from ``phi(w, *params)``; also usable as a decorator.
 
@@ -112,6 +114,8 @@ def fixed_point_layer(
     """
 
     def make(function: Callable[..., Any]) -> FixedPointLayer:
-        return FixedPointLayer(function, solver=solver, backward=backward, on_failure=on_failure)
+        return FixedPointLayer(
+            function, solver=solver, backward=backward, on_failure=on_failure, warm_start=warm_start
+        )
 
     return make if phi is None else make(phi)

@@ -39,7 +39,10 @@ class ImplicitLayer(nn.Module, abc.ABC):
     ``b = dL/dw*``, solves ``F_w^T x = b`` with ``backward`` from one evaluation of ``F`` with a
     graph, and each param that requires grad receives ``-F_p^T x``. ``layer.last_forward`` and
     ``layer.last_backward`` hold the records of the most recent solves; :meth:`solve` returns a
-    per-call :class:`SolveInfo`. A failed solve warns (``on_failure="warn"``), raises
+    per-call :class:`SolveInfo`. With ``warm_start=True`` each backward solve starts from the
+    previous backward's solution (when its shape matches): in a training loop the system
+    changes slowly, so fewer products are needed (the initial residual costs one). A failed
+    solve warns (``on_failure="warn"``), raises
     ``ConvergenceError`` (``"raise"``) or is only recorded (``"ignore"``).
     """
 
@@ -49,6 +52,7 @@ class ImplicitLayer(nn.Module, abc.ABC):
         solver: Any,
         backward: LinearSolver | Callable,
         on_failure: OnFailure,
+        warm_start: bool = False,
     ):
         super().__init__()
         if not callable(function):
@@ -70,6 +74,8 @@ class ImplicitLayer(nn.Module, abc.ABC):
         self.solver = solver
         self.backward_solver = as_linear_solver(backward)
         self.on_failure = on_failure
+        self.warm_start = bool(warm_start)
+        self._previous_backward: torch.Tensor | None = None
         self.last_forward: SolveRecord | None = None
         self.last_backward: SolveRecord | None = None
 
@@ -174,7 +180,14 @@ class _Call:
             self.n_explicit,
             self.layer._identity_minus,
         )
-        x, record = self.layer.backward_solver.solve(ImplicitOperator(graph), b.reshape(-1))
+        b = b.reshape(-1)
+        layer, x0 = self.layer, None
+        previous = layer._previous_backward
+        if layer.warm_start and previous is not None and previous.shape == b.shape:
+            x0 = previous.to(dtype=b.dtype, device=b.device)
+        x, record = layer.backward_solver.solve(ImplicitOperator(graph), b, x0)
+        if layer.warm_start:
+            layer._previous_backward = x.detach()
         self.info.backward = self.layer.last_backward = record
         report(record, "backward", self.layer.on_failure)
         return graph.param_grads(x)

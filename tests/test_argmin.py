@@ -225,3 +225,22 @@ def test_inner_loop_backward_touches_no_outer_gradient():
     validation_loss(w, X_val, y_val).backward()
     _, grad_ref = ridge_reference(X, y, X_val, y_val, module.log_lam.detach())
     assert torch.allclose(module.log_lam.grad, grad_ref, rtol=1e-6, atol=1e-10)
+
+
+def test_backward_warm_start_saves_products_and_keeps_the_gradient():
+    X, y, X_val, y_val, log_lam = ridge_data(40, 10, 7)
+    grads, products = {}, {}
+    for warm in (False, True):
+        layer = argmin_layer(
+            ridge_loss(X, y), solver=LBFGS(tol=1e-9), backward=CG(tol=1e-10), warm_start=warm
+        )
+        grads[warm], products[warm] = [], []
+        for shift in (0.0, 1e-3, 2e-3):  # a slowly changing system, as in a training loop
+            lam = (log_lam + shift).requires_grad_()
+            validation_loss(layer(torch.zeros(10, dtype=f64), lam), X_val, y_val).backward()
+            grads[warm].append(lam.grad)
+            products[warm].append(layer.last_backward.products)
+    assert products[True][0] == products[False][0]  # nothing to start from on the first call
+    assert sum(products[True][1:]) < sum(products[False][1:])
+    for cold, warm in zip(grads[False], grads[True]):
+        assert torch.allclose(cold, warm, rtol=1e-7, atol=1e-12)

@@ -228,3 +228,72 @@ def test_history_starts_at_one_and_ends_at_the_final_residual():
     assert record.history[0] == 1.0
     assert len(record.history) == record.iterations + 1
     assert record.history[-1] == record.relative_residual <= 1e-6
+
+
+def textbook_pcg(A, b, M, k):
+    """Preconditioned CG written out independently."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    z = M @ r
+    p = z.clone()
+    for _ in range(k):
+        Ap = A @ p
+        alpha = (r @ z) / (p @ Ap)
+        x = x + alpha * p
+        r_new = r - alpha * Ap
+        z_new = M @ r_new
+        p = z_new + ((r_new @ z_new) / (r @ z)) * p
+        r, z = r_new, z_new
+    return x
+
+
+@st.composite
+def badly_scaled_spd_systems(draw):
+    """``D S D`` with ``S`` well conditioned and ``D`` a diagonal spanning ``scale`` orders."""
+    A, b = draw(spd_systems())
+    scale = draw(st.floats(1.0, 3.0))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    D = torch.diag(10 ** (scale * torch.rand(b.numel(), generator=generator, dtype=f64)))
+    return D @ A @ D, b
+
+
+@settings(max_examples=30, deadline=None)
+@given(badly_scaled_spd_systems(), st.integers(1, 12))
+def test_preconditioned_cg_is_the_textbook_method(system, k):
+    A, b = system
+    k = min(k, b.numel() // 2)  # as for CG: compare before the Krylov space fills R^n
+    M = torch.diag(1 / torch.diag(A))  # Jacobi
+    x, record = CG(max_iter=k, tol=0.0, preconditioner=lambda r: M @ r).solve(A, b)
+    reference = textbook_pcg(A, b, M, record.iterations)
+    assert float((x - reference).norm()) <= 1e-6 * float(reference.norm())
+    assert record.products == record.iterations
+    true = float((b - A @ x).norm() / b.norm())
+    assert record.relative_residual == pytest.approx(true, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", [CG, GMRES], ids=["CG", "GMRES"])
+def test_exact_preconditioner_solves_in_one_iteration(method):
+    A, b = _fixed_contractive()
+    A = A.double() @ A.double().T  # SPD, so CG applies too
+    b = b.double()
+    inverse = torch.linalg.inv(A)
+    x, record = method(tol=1e-10, preconditioner=lambda v: inverse @ v).solve(A, b)
+    assert record.iterations == 1 and record.converged
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-10)
+
+
+def test_jacobi_preconditioning_cuts_iterations_on_a_badly_scaled_system():
+    A, b = _fixed_contractive()
+    D = torch.diag(torch.logspace(0, 2, b.numel()))
+    A = D @ A @ D  # symmetric positive definite, condition ~1e4
+    M = 1 / torch.diag(A)
+    for method in (CG, GMRES):
+        plain = method(tol=1e-5, max_iter=500).solve(A, b)[1]
+        jacobi = method(tol=1e-5, max_iter=500, preconditioner=lambda v: M * v).solve(A, b)[1]
+        assert jacobi.converged and jacobi.iterations < plain.iterations / 2, (plain, jacobi)
+
+
+def test_preconditioner_must_be_callable():
+    with pytest.raises(TypeError, match="`preconditioner` must be a callable"):
+        CG(preconditioner=3)

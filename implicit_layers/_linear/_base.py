@@ -138,6 +138,15 @@ class UserLinearSolver(LinearSolver):
         return x, record
 
 
+def check_preconditioner(solver: LinearSolver) -> None:
+    preconditioner = solver.preconditioner
+    if preconditioner is not None and not callable(preconditioner):
+        raise TypeError(
+            f"{type(solver).__name__}: `preconditioner` must be a callable r -> M r with "
+            f"M ~ A^-1, or None; got {type(preconditioner).__name__}."
+        )
+
+
 def as_linear_solver(solver: LinearSolver | Callable) -> LinearSolver:
     """A :class:`LinearSolver` from a solver object or a callable ``(matvec, b) -> x``."""
     if isinstance(solver, LinearSolver):

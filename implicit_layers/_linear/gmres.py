@@ -8,7 +8,8 @@ import torch
 
 from .._iteration import IterationState
 from .._options import check_positive_int, options
-from ._base import IterativeLinearSolver
+from ._base import IterativeLinearSolver, check_preconditioner
+from .cg import Preconditioner
 
 
 @options
@@ -24,6 +25,10 @@ class GMRES(IterativeLinearSolver):
     a restart costs no product: ``k`` iterations are exactly ``k`` products. This is the default
     backward solver: it is valid for any map.
 
+    ``preconditioner``, a callable ``v -> M v`` with ``M ~ A^{-1}``, preconditions on the right:
+    GMRES runs on ``A M y = b`` and returns ``x = M y``. The residual it minimises and reports is
+    still the true ``||b - A x||``; each iteration also applies ``M`` once.
+
     >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0]]); b = torch.tensor([0.0, 1.0])
     >>> x, record = GMRES().solve(A, b)
     >>> torch.allclose(A @ x, b, atol=1e-5), record.iterations
@@ -31,18 +36,22 @@ class GMRES(IterativeLinearSolver):
     """
 
     restart: int = 20
+    preconditioner: Preconditioner | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self, "restart", self.restart)
+        check_preconditioner(self)
 
     def _start(self, operator, x, residual, b_norm):
-        return _GMRESState(operator, x, residual, b_norm, min(self.restart, self.max_iter))
+        restart = min(self.restart, self.max_iter)
+        return _GMRESState(operator, x, residual, b_norm, restart, self.preconditioner)
 
 
 class _GMRESState(IterationState):
-    def __init__(self, operator, x, residual, b_norm, restart):
+    def __init__(self, operator, x, residual, b_norm, restart, preconditioner):
         self.operator, self.x, self.b_norm, self.restart = operator, x, b_norm, restart
+        self.precondition = preconditioner or (lambda v: v)
         self.basis = residual.new_zeros(restart + 1, residual.numel())
         self._begin_cycle(residual)
 
@@ -62,7 +71,7 @@ class _GMRESState(IterationState):
             self._restart()
             j = 0
         basis = self.basis[: j + 1]
-        w = self.operator.mv(self.basis[j])
+        w = self.operator.mv(self.precondition(self.basis[j]))
         h = basis @ w
         w = w - basis.T @ h
         correction = basis @ w
@@ -103,7 +112,7 @@ class _GMRESState(IterationState):
     def _update(self) -> tuple[list[float], torch.Tensor]:
         y = self._coefficients()
         coefficients = torch.tensor(y, dtype=self.x.dtype, device=self.x.device)
-        return y, self.x + self.basis[: len(y)].T @ coefficients
+        return y, self.x + self.precondition(self.basis[: len(y)].T @ coefficients)
 
     def _restart(self) -> None:
         y, self.x = self._update()
