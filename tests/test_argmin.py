@@ -228,16 +228,22 @@ def test_inner_loop_backward_touches_no_outer_gradient():
 
 
 def test_backward_warm_start_saves_products_and_keeps_the_gradient():
-    X, y, X_val, y_val, log_lam = ridge_data(40, 10, 7)
+    # CG must need many iterations for a warm start (one product for its initial residual) to
+    # pay: 80 features with decays spread over ~3 orders of magnitude take ~35
+    X, y, X_val, y_val, log_lam = ridge_data(200, 80, 7)
+    log_lam = 3 * log_lam - 3
     grads, products = {}, {}
     for warm in (False, True):
         layer = argmin_layer(
-            ridge_loss(X, y), solver=LBFGS(tol=1e-9), backward=CG(tol=1e-10), warm_start=warm
+            ridge_loss(X, y),
+            solver=LBFGS(tol=1e-7, max_iter=1000),
+            backward=CG(tol=1e-10, max_iter=500),
+            warm_start=warm,
         )
         grads[warm], products[warm] = [], []
         for shift in (0.0, 1e-3, 2e-3):  # a slowly changing system, as in a training loop
             lam = (log_lam + shift).requires_grad_()
-            validation_loss(layer(torch.zeros(10, dtype=f64), lam), X_val, y_val).backward()
+            validation_loss(layer(torch.zeros(80, dtype=f64), lam), X_val, y_val).backward()
             grads[warm].append(lam.grad)
             products[warm].append(layer.last_backward.products)
     assert products[True][0] == products[False][0]  # nothing to start from on the first call
