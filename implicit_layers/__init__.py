@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._argmin_layer import ArgminLayer, argmin_layer
 from ._fixed_point_layer import FixedPointLayer, fixed_point_layer
 from ._forward import Anderson, FixedPoint, ForwardSolver
-from ._hypergradient import hypergradient
+from ._hypergradient import FiniteDifference, HypergradientMethod, StochasticAID, hypergradient
 from ._implicit_layer import ImplicitLayer, SolveInfo
 from ._linear import CG, GMRES, BiCGSTAB, Direct, LinearSolver, Neumann, NormalCG, Nystrom
 from ._minimize import LBFGS, GradientDescent, Minimizer
@@ -28,6 +28,9 @@ __all__ = [
     "ImplicitLayer",
     "argmin_layer",
     "hypergradient",
+    "HypergradientMethod",
+    "FiniteDifference",
+    "StochasticAID",
     "ArgminLayer",
     "Minimizer",
     "GradientDescent",

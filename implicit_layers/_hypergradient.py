@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import abc
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,10 +13,11 @@ import torch
 from ._argmin_layer import DEFAULT_HESSIAN_SOLVER, _scalar, gradient_residual
 from ._implicit import ImplicitOperator, ResidualGraph
 from ._linear import LinearSolver, as_linear_solver
-from ._records import OnFailure, SolveRecord, report
-from ._tree import FlatSpace, tree_flatten, tree_unflatten
+from ._options import check_in_interval, check_positive_int, options
+from ._records import OnFailure, SolveRecord, Status, relative, report, unmeasured_record
+from ._tree import FlatSpace, TreeSpec, tree_flatten, tree_unflatten
 
-__all__ = ["hypergradient"]
+__all__ = ["hypergradient", "HypergradientMethod", "FiniteDifference", "StochasticAID"]
 
 
 def hypergradient(
@@ -21,7 +25,7 @@ def hypergradient(
     outer_loss: Callable[[Any, Any], torch.Tensor],
     w: Any,
     lam: Any,
-    method: LinearSolver | Callable = DEFAULT_HESSIAN_SOLVER,
+    method: LinearSolver | HypergradientMethod | Callable = DEFAULT_HESSIAN_SOLVER,
     on_failure: OnFailure = "warn",
 ) -> tuple[Any, SolveRecord]:
     """The hypergradient ``d/dlam g(w*(lam), lam)`` at ``w ~ w*(lam) = argmin f(., lam)``.
@@ -31,7 +35,9 @@ def hypergradient(
     term. ``method`` solves ``H x = b``: :class:`CG` (default), :class:`Neumann` (its ``step``
     is the inner learning rate of hypergrad's and Betty's Neumann method; HyperTorch's
     ``fixed_point`` is the same iteration), :class:`NormalCG`, :class:`GMRES`,
-    :class:`Nystrom`, :class:`Direct` or a callable ``(matvec, b) -> x``. ``w`` and ``lam`` are
+    :class:`Nystrom`, :class:`Direct`, a callable ``(matvec, b) -> x``, or an approximation of
+    the implicit term as a whole: :class:`FiniteDifference` (Betty's DARTS method) or
+    :class:`StochasticAID` (HyperTorch's). ``w`` and ``lam`` are
     tensors or pytrees (e.g. ``dict(model.named_parameters())``); the result has ``lam``'s
     structure, and comes with the record of the linear solve (the policy ``on_failure`` applies).
 
@@ -52,9 +58,9 @@ def hypergradient(
         if not (isinstance(leaf, torch.Tensor) and leaf.dtype.is_floating_point):
             where = "lam" if lam_spec.kind == "leaf" else f"lam (leaf {index})"
             raise TypeError(f"`{where}` must be a floating-point tensor, got {leaf!r:.60}.")
-    w_star = space.flatten(w).detach()
+    inner = InnerProblem(inner_loss, space, space.flatten(w).detach(), lam_spec, lam_leaves)
     with torch.enable_grad():
-        w_vars = [leaf.detach().requires_grad_() for leaf in space.unflatten_leaves(w_star)]
+        w_vars = [leaf.detach().requires_grad_() for leaf in space.unflatten_leaves(inner.w)]
         lam_vars = [leaf.detach().requires_grad_() for leaf in lam_leaves]
         outer = _scalar(
             outer_loss(tree_unflatten(space.spec, w_vars), tree_unflatten(lam_spec, lam_vars))
@@ -63,18 +69,162 @@ def hypergradient(
     grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, w_vars + lam_vars)]
     b, direct = space.flatten_leaves(grads[: len(w_vars)]), grads[len(w_vars) :]
 
-    graph = ResidualGraph(
-        gradient_residual(inner_loss),
-        space,
-        lambda tensors: (tree_unflatten(lam_spec, list(tensors)),),
-        w_star,
-        lam_leaves,
-        [True] * len(lam_leaves),
-        len(lam_leaves),
-        identity_minus=False,
-    )
-    x, record = as_linear_solver(method).solve(ImplicitOperator(graph), b)
+    if isinstance(method, HypergradientMethod):
+        implicit, record = method.implicit_term(inner, b)
+    else:
+        graph = inner.graph()
+        x, record = as_linear_solver(method).solve(ImplicitOperator(graph), b)
+        implicit = graph.param_grads(x)
     report(record, "hypergradient", on_failure)
-    implicit = graph.param_grads(x)
     total = [d + i for d, i in zip(direct, implicit)]
     return tree_unflatten(lam_spec, total), record
+
+
+@dataclass(frozen=True)
+class InnerProblem:
+    """The inner loss at ``(w, lam)``, as the hypergradient methods need it."""
+
+    loss: Callable[[Any, Any], torch.Tensor]
+    space: FlatSpace
+    w: torch.Tensor  # flat
+    lam_spec: TreeSpec
+    lam: list[torch.Tensor]
+
+    def graph(self) -> ResidualGraph:
+        """``grad_w f`` at ``(w, lam)`` with a graph (the inner loss is evaluated afresh, so a
+        loss that samples a minibatch per call gives a new sample)."""
+        return ResidualGraph(
+            gradient_residual(self.loss),
+            self.space,
+            lambda tensors: (tree_unflatten(self.lam_spec, list(tensors)),),
+            self.w,
+            self.lam,
+            [True] * len(self.lam),
+            len(self.lam),
+            identity_minus=False,
+        )
+
+    def lam_gradient(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """``grad_lam f(w, lam)``: first order only."""
+        with torch.enable_grad():
+            lam_vars = [leaf.detach().requires_grad_() for leaf in self.lam]
+            loss = _scalar(
+                self.loss(self.space.unflatten(w), tree_unflatten(self.lam_spec, lam_vars))
+            )
+            grads = torch.autograd.grad(loss, lam_vars, allow_unused=True)
+        return [torch.zeros_like(v) if g is None else g for g, v in zip(grads, lam_vars)]
+
+
+class HypergradientMethod(abc.ABC):
+    """An approximation of the implicit term ``-(grad^2_{lam w} f)^T H^{-1} b`` that is not a
+    linear solve on one Hessian (a linear solver object covers that case)."""
+
+    @abc.abstractmethod
+    def implicit_term(
+        self, inner: InnerProblem, b: torch.Tensor
+    ) -> tuple[list[torch.Tensor], SolveRecord]: ...
+
+
+@options
+class FiniteDifference(HypergradientMethod):
+    """Betty's finite-difference (DARTS) hypergradient: ``H^{-1} ~ step I`` and the mixed
+    product by central differences of first-order gradients,
+    ``-(grad_lam f(w + eps x) - grad_lam f(w - eps x)) / (2 eps)``, ``x = step b``,
+    ``eps = radius / ||x||``.
+
+    No second-order graph is built: two gradient evaluations in all. ``step = 1`` is Betty's
+    re-interpretation; the inner learning rate gives DARTS' one-step approximation. It ignores
+    the curvature of ``f`` (exact only when ``H = I / step``), so it is biased: its residual
+    is not measured (status ``UNCHECKED``).
+
+    >>> inner = lambda w, lam: 0.5 * (w * w).sum() - lam @ w   # H = I: exact here
+    >>> outer = lambda w, lam: (w ** 2).sum()
+    >>> lam = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> grad, record = hypergradient(inner, outer, lam.clone(), lam, method=FiniteDifference())
+    >>> torch.allclose(grad, torch.tensor([2.0, 4.0], dtype=torch.float64)), record.products
+    (True, 2)
+    """
+
+    step: float = 1.0
+    radius: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_in_interval(self, "step", self.step, 0.0, math.inf)
+        check_in_interval(self, "radius", self.radius, 0.0, math.inf)
+
+    def implicit_term(self, inner, b):
+        x = self.step * b
+        norm = float(torch.linalg.vector_norm(x))
+        if norm == 0:
+            zeros = [torch.zeros_like(leaf) for leaf in inner.lam]
+            return zeros, unmeasured_record(
+                "FiniteDifference", iterations=0, products=0, finite=True
+            )
+        eps = self.radius / norm
+        plus, minus = inner.lam_gradient(inner.w + eps * x), inner.lam_gradient(inner.w - eps * x)
+        implicit = [-(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+        finite = all(bool(torch.isfinite(g).all()) for g in implicit)
+        return implicit, unmeasured_record(
+            "FiniteDifference", iterations=1, products=2, finite=finite
+        )
+
+
+def _sgd(parameters: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(parameters, lr=0.1)
+
+
+@options
+class StochasticAID(HypergradientMethod):
+    """HyperTorch's stochastic approximate implicit differentiation: ``H x = b`` solved by a
+    ``torch.optim`` optimizer on ``q(x) = x.H x / 2 - b.x``, whose gradient ``H x - b`` is one
+    Hessian-vector product on a fresh evaluation of the inner loss per step.
+
+    An inner loss that samples a minibatch on each call makes every product stochastic; the
+    final mixed product uses one more sample. ``steps`` products plus that one. The record's
+    residual is the last step's stochastic ``||H x - b||`` (before its update), reported, not
+    judged (status ``UNCHECKED``).
+
+    >>> inner = lambda w, lam: 0.5 * (w * w).sum() - lam @ w
+    >>> outer = lambda w, lam: (w ** 2).sum()
+    >>> lam = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> method = StochasticAID(steps=200)
+    >>> grad, record = hypergradient(inner, outer, lam.clone(), lam, method=method)
+    >>> torch.allclose(grad, torch.tensor([2.0, 4.0], dtype=torch.float64)), record.products
+    (True, 201)
+    """
+
+    steps: int = 10
+    optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] = _sgd
+
+    def __post_init__(self) -> None:
+        check_positive_int(self, "steps", self.steps)
+        if not callable(self.optimizer):
+            raise TypeError(
+                "StochasticAID: `optimizer` must be a callable params -> torch.optim.Optimizer, "
+                f"got {type(self.optimizer).__name__}."
+            )
+
+    def implicit_term(self, inner, b):
+        x = torch.zeros_like(b, requires_grad=True)
+        optimizer = self.optimizer([x])
+        history = []
+        for _ in range(self.steps):
+            gradient = inner.graph().vjp_w(x.detach()) - b
+            history.append(torch.linalg.vector_norm(gradient))
+            x.grad = gradient
+            optimizer.step()
+        implicit = inner.graph().param_grads(x.detach())
+        residuals = torch.stack(history).tolist()
+        scale = float(torch.linalg.vector_norm(b))
+        record = SolveRecord(
+            method="StochasticAID",
+            iterations=self.steps,
+            products=self.steps + 1,
+            residual=residuals[-1],
+            relative_residual=relative(residuals[-1], scale),
+            tol=None,
+            atol=None,
+            status=Status.UNCHECKED if math.isfinite(residuals[-1]) else Status.NONFINITE,
+            history=tuple(relative(r, scale) for r in residuals),
+        )
+        return implicit, record

@@ -125,6 +125,7 @@ class ResidualGraph:
         if not self._built and not bool(x.any()):  # b was zero: no graph was needed
             grads = [torch.zeros_like(self.params[i]) for i in wanted]
         else:
+            self._build()
             grads = self._vjp(x, [self.param_vars[i] for i in wanted])
             if not self.identity_minus:  # -F_p^T x = -G_p^T x; for F = w - G it is +G_p^T x
                 grads = [-g for g in grads]

@@ -159,3 +159,19 @@ def measured_record(
         status=status,
         history=(rel,),
     )
+
+
+def unmeasured_record(method: str, *, iterations: int, products: int, finite: bool) -> SolveRecord:
+    """The record of an approximation whose residual is not measured (measuring it would cost
+    the products the method exists to save): status ``UNCHECKED``, residual NaN."""
+    return SolveRecord(
+        method=method,
+        iterations=iterations,
+        products=products,
+        residual=math.nan,
+        relative_residual=math.nan,
+        tol=None,
+        atol=None,
+        status=Status.UNCHECKED if finite else Status.NONFINITE,
+        history=(),
+    )

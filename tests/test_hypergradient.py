@@ -12,10 +12,12 @@ from implicit_layers import (
     GMRES,
     LBFGS,
     Direct,
+    FiniteDifference,
     Neumann,
     NormalCG,
     Nystrom,
     Status,
+    StochasticAID,
     argmin_layer,
     hypergradient,
 )
@@ -162,3 +164,47 @@ def test_lam_must_be_floating_tensors():
     inner, outer, w, _ = problem("ridge", 20, 3, 0)
     with pytest.raises(TypeError, match="`lam` must be a floating-point tensor"):
         hypergradient(inner, outer, w, 0.5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    kind=st.sampled_from(["ridge", "logistic"]),
+    seed=st.integers(0, 2**31 - 1),
+    step=st.floats(0.1, 2.0),
+)
+def test_finite_difference_is_the_same_approximation_by_differences(kind, seed, step):
+    """Betty's method equals ``H^{-1} ~ step I`` with the mixed product by autograd, up to the
+    central difference's error: zero for ridge (grad_lam f is linear in w), O(eps^2) else."""
+    inner, outer, w, log_lam = problem(kind, 30, 5, seed)
+    by_differences, record = hypergradient(
+        inner, outer, w, log_lam, method=FiniteDifference(step=step)
+    )
+    by_autograd, _ = hypergradient(inner, outer, w, log_lam, method=lambda matvec, b: step * b)
+    assert record.products == 2 and record.status is Status.UNCHECKED
+    rtol = 1e-7 if kind == "ridge" else 1e-3
+    scale = float(by_autograd.abs().max())
+    assert torch.allclose(by_differences, by_autograd, rtol=rtol, atol=rtol * scale)
+
+
+def test_stochastic_aid_converges_and_samples_afresh_for_every_product():
+    inner, outer, w, log_lam = problem("ridge", 40, 4, 3)
+    reference, H = dense_reference(inner, outer, w, log_lam)
+    calls = []
+
+    def counted_inner(w, log_lam):
+        calls.append(1)
+        return inner(w, log_lam)
+
+    lr = 1.0 / float(torch.linalg.eigvalsh(H)[-1])
+    method = StochasticAID(steps=400, optimizer=lambda p: torch.optim.SGD(p, lr=lr))
+    grad, record = hypergradient(counted_inner, outer, w, log_lam, method=method)
+    assert len(calls) == record.products == 401  # one evaluation (one graph) per product
+    assert torch.allclose(grad, reference, rtol=1e-6, atol=1e-9)
+    assert record.history[-1] < 1e-6
+
+
+def test_hypergradient_method_options_are_checked():
+    with pytest.raises(ValueError, match="`radius` must lie in"):
+        FiniteDifference(radius=0.0)
+    with pytest.raises(ValueError, match="`steps` must be a positive integer"):
+        StochasticAID(steps=0)

@@ -378,3 +378,12 @@ def test_a_user_solver_calling_backward_leaves_params_alone():
     g = torch.randn(6, dtype=f64)
     (w @ g).backward()
     assert torch.allclose(lam.grad, reference_grad(A, g), atol=1e-8)
+
+
+def test_a_backward_callable_that_makes_no_product_still_gets_param_gradients():
+    A, lam = affine()
+    layer = fixed_point_layer(lambda w, lam: A @ w + lam, backward=lambda matvec, b: b)
+    w = layer(torch.zeros(6, dtype=f64), lam)
+    g = torch.randn(6, dtype=f64)
+    (w @ g).backward()  # x = b: the Neumann series truncated after its first term
+    assert torch.allclose(lam.grad, g)

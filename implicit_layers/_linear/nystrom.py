@@ -8,7 +8,7 @@ import torch
 
 from .._operator import CountingOperator
 from .._options import check_in_interval, check_positive_int, options
-from .._records import SolveRecord, Status, measured_record
+from .._records import measured_record, unmeasured_record
 from ._base import LinearSolver
 
 
@@ -55,16 +55,9 @@ class Nystrom(LinearSolver):
         core = 0.5 * (core + core.T)
         x = (b - columns @ torch.linalg.solve(core, columns.T @ b)) / self.rho
         if not self.measure_residual:
-            return x, SolveRecord(
-                method=self.method,
-                iterations=rank,
-                products=operator.products,
-                residual=math.nan,
-                relative_residual=math.nan,
-                tol=None,
-                atol=None,
-                status=Status.UNCHECKED if bool(torch.isfinite(x).all()) else Status.NONFINITE,
-                history=(),
+            finite = bool(torch.isfinite(x).all())
+            return x, unmeasured_record(
+                self.method, iterations=rank, products=operator.products, finite=finite
             )
         residual = float(torch.linalg.vector_norm(b - operator.mv(x)))
         record = measured_record(
