@@ -58,8 +58,10 @@ def check_nonnegative(owner: object, name: str, value: Any) -> None:
 
 
 def check_in_interval(owner: object, name: str, value: Any, low: float, high: float) -> None:
-    """``low < value <= high``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+    """``low < value <= high``, and finite."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not low < value <= high or value == float("inf"):
         raise ValueError(
-            f"{type(owner).__name__}: `{name}` must lie in ({low}, {high}], got {value!r}."
+            f"{type(owner).__name__}: `{name}` must lie in ({low}, {high}] and be finite, "
+            f"got {value!r}."
         )

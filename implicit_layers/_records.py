@@ -93,19 +93,21 @@ class ConvergenceError(RuntimeError):
 
 
 _ADVICE = {
-    ("forward", Status.MAX_ITER): "Increase the solver's `max_iter` or `tol`, try `Anderson`, "
-    "or check that Phi is a contraction in w near the fixed point.",
-    ("backward", Status.MAX_ITER): "Increase the backward solver's `max_iter` or `tol`, or use "
-    "`GMRES` (valid whenever I - J is non-singular); `CG` is only valid for symmetric positive "
-    "definite I - J and `Neumann` only when the spectral radius of J is below 1.",
-    ("backward", Status.INACCURATE): "I - J is ill-conditioned at w*; solve in float64 or "
-    "check that Phi is a contraction near w*.",
-    ("hypergradient", Status.MAX_ITER): "Increase the method's `max_iter` or `tol`; check "
-    "that w is close to a strict minimum of the inner loss (a positive definite Hessian).",
-    ("forward", Status.NONFINITE): "Check Phi for overflow (a step size too large?) and the "
-    "initial guess and params for NaN/Inf.",
-    ("backward", Status.NONFINITE): "Check the incoming gradient dL/dw* and Phi's derivatives at "
-    "w* for NaN/Inf; a breakdown of the method's recurrence also shows as NaN (try `GMRES`).",
+    ("forward", Status.MAX_ITER): "Increase the solver's `max_iter` or `tol`. For a fixed point "
+    "try `Anderson`, or check that Phi contracts in w near the fixed point; for an argmin try "
+    "`LBFGS` or a larger `lr`.",
+    ("forward", Status.INACCURATE): "Increase the minimizer's `max_iter` or `tol`, or give an "
+    "`atol`: LBFGS's line search cannot reach relative gradients far below sqrt(eps).",
+    ("forward", Status.NONFINITE): "Check the function for overflow (a step size too large?) "
+    "and the initial guess and params for NaN/Inf.",
+    ("backward", Status.MAX_ITER): "Increase the backward solver's `max_iter` or `tol`. For a "
+    "fixed point use `GMRES` (valid whenever I - J is non-singular): `CG` needs a symmetric "
+    "positive definite I - J and `Neumann` a spectral radius of J below 1. For an argmin the "
+    "Hessian must be positive definite at w (a strict minimum).",
+    ("backward", Status.INACCURATE): "The system is ill-conditioned at w*: solve in float64, or "
+    "check that w* is an isolated fixed point or a strict minimum.",
+    ("backward", Status.NONFINITE): "Check the incoming gradient and the function's derivatives "
+    "at w* for NaN/Inf; a breakdown of the method's recurrence also shows as NaN (try `GMRES`).",
 }
 
 
@@ -113,7 +115,8 @@ def describe_failure(record: SolveRecord, stage: str) -> str:
     where = ""
     if record.status is Status.NONFINITE:
         where = f" at iteration {record.iterations}" if record.iterations else " in its input"
-    advice = _ADVICE.get((stage, record.status), "")
+    kind = "backward" if stage == "hypergradient" else stage  # the same linear system
+    advice = _ADVICE.get((kind, record.status), "")
     return f"{stage} solve {record.summary()}{where}. {advice}".rstrip()
 
 

@@ -39,8 +39,8 @@ class Direct(LinearSolver):
         except torch.linalg.LinAlgError as error:
             raise torch.linalg.LinAlgError(
                 "Direct: the system matrix is singular, so the solution is not unique. In a "
-                "layer's backward that means I - J is singular at w*: 1 is an eigenvalue of "
-                "dPhi/dw, so w* is not an isolated fixed point."
+                "backward that means w* is not isolated: for a fixed point 1 is an eigenvalue "
+                "of dPhi/dw (I - J is singular), for an argmin the Hessian is singular."
             ) from error
         record = measured_record(
             self.method,

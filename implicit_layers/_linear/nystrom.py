@@ -49,8 +49,7 @@ class Nystrom(LinearSolver):
         rank = min(self.rank, n)
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         indices = torch.randperm(n, generator=generator)[:rank].tolist()
-        eye = torch.eye(n, dtype=b.dtype, device=b.device)
-        columns = torch.stack([operator.mv(eye[i]) for i in indices], dim=1)  # C, n x rank
+        columns = torch.stack([operator.mv(_unit(b, i)) for i in indices], dim=1)  # C: n x rank
         core = self.rho * columns[indices] + columns.T @ columns  # rho W + C^T C
         core = 0.5 * (core + core.T)
         x = (b - columns @ torch.linalg.solve(core, columns.T @ b)) / self.rho
@@ -71,3 +70,9 @@ class Nystrom(LinearSolver):
 
 
 __all__ = ["Nystrom"]
+
+
+def _unit(like: torch.Tensor, index: int) -> torch.Tensor:
+    unit = torch.zeros_like(like)
+    unit[index] = 1
+    return unit
