@@ -10,12 +10,14 @@ from importlib.metadata import PackageNotFoundError, version
 from ._argmin_layer import ArgminLayer, argmin_layer
 from ._fixed_point_layer import FixedPointLayer, fixed_point_layer
 from ._forward import Anderson, FixedPoint, ForwardSolver
+from ._functional_optim import FunctionalOptimizer, adam, gradient_step, sgd
 from ._hypergradient import FiniteDifference, HypergradientMethod, StochasticAID, hypergradient
 from ._implicit_layer import ImplicitLayer, SolveInfo
 from ._linear import CG, GMRES, BiCGSTAB, Direct, LinearSolver, Neumann, NormalCG, Nystrom
 from ._minimize import LBFGS, GradientDescent, Minimizer
 from ._operator import FunctionOperator, LinearOperator, MatrixOperator
 from ._records import ConvergenceError, ConvergenceWarning, SolveRecord, Status
+from ._unroll import Full, Recompute, Truncated, UnrollMode, unroll
 
 try:
     __version__ = version("implicit-layers")
@@ -31,6 +33,15 @@ __all__ = [
     "HypergradientMethod",
     "FiniteDifference",
     "StochasticAID",
+    "unroll",
+    "UnrollMode",
+    "Full",
+    "Recompute",
+    "Truncated",
+    "FunctionalOptimizer",
+    "sgd",
+    "adam",
+    "gradient_step",
     "ArgminLayer",
     "Minimizer",
     "GradientDescent",

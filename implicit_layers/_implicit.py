@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ._graph import foreign_leaves
 from ._operator import LinearOperator
 from ._tree import FlatSpace, tree_unflatten
 
@@ -157,27 +158,7 @@ def _check_no_foreign_tensors(
     """Raise if the residual's graph reaches a tensor that requires grad but is not a layer
     input: such a tensor (one the user's function closes over) would silently get no gradient.
     """
-    known_ids = {id(t) for t in known}
-    foreign: list[torch.Tensor] = []
-    seen: set = set()
-    stack: list = []
-    for out in outputs:
-        if out.grad_fn is None:
-            if out.requires_grad and id(out) not in known_ids:
-                foreign.append(out)
-        else:
-            stack.append(out.grad_fn)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in known_ids:
-                foreign.append(variable)
-            continue
-        stack.extend(child for child, _ in node.next_functions)
+    foreign = foreign_leaves(outputs, known)
     if not foreign:
         return
     shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:5])
