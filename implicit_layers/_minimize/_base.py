@@ -1,8 +1,8 @@
 """The base of every inner minimizer: find ``w* = argmin_w f(w)`` from ``w0``.
 
-Each minimizer states its stopping rule (:class:`GradientDescent`: the size of its step relative
-to ``w``; :class:`LBFGS`: the gradient relative to the first one). ``products`` counts gradient
-evaluations.
+Every minimizer stops on the size of its step relative to ``w``, as :class:`FixedPoint` does:
+``||w_{k+1} - w_k|| <= atol + tol * ||w||``, so a warm start near the minimum stops at once.
+``products`` counts gradient evaluations.
 """
 
 from __future__ import annotations

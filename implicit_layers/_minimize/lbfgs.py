@@ -1,44 +1,37 @@
-"""A wrapper around ``torch.optim.LBFGS`` that records and judges its solve."""
+"""L-BFGS by ``torch.optim.LBFGS``, one iteration at a time, recorded and judged."""
 
 from __future__ import annotations
 
 import torch
 
-from .._options import check_in_interval, check_nonnegative, check_positive_int, options
-from .._records import measured_record
+from .._iteration import IterationState, IterativeMethod
+from .._options import check_in_interval, check_positive_int, options
 from ._base import CountingObjective, Minimizer
 
 
 @options
-class LBFGS(Minimizer):
+class LBFGS(IterativeMethod, Minimizer):
     """L-BFGS by ``torch.optim.LBFGS`` (strong-Wolfe line search by default).
 
-    Runs at most ``max_iter`` iterations; stops early once the largest gradient entry is below
-    ``(atol + tol * ||grad f(w0)||) / sqrt(n)``, which guarantees the library's rule
-    ``||grad f(w)|| <= atol + tol * ||grad f(w0)||``. The final gradient is then measured (one
-    extra evaluation, counted) and judged by that rule: status ``CONVERGED`` or ``INACCURATE``.
-    The rule is relative to the first gradient: when warm-starting close to the minimum, give
-    an ``atol`` as well. The line search compares function values, so relative gradients much
-    below ``sqrt(eps)`` (about 1e-8 in float64, 3e-4 in float32) may be out of reach: set
-    ``tol`` above that.
+    It stops as :class:`GradientDescent` and :class:`FixedPoint` do, on the size of its step:
+    once ``||w_{k+1} - w_k|| <= atol + tol * ||w_{k+1}||``, or after ``max_iter`` iterations
+    (defaults 100, 1e-6, 0). A quasi-Newton step approximates the distance to the minimum, so
+    this asks for ``w`` accurate to about ``tol`` relative, and a warm start near the minimum
+    stops at once. ``products`` counts gradient evaluations (the line search may make several
+    per iteration; none is repeated at the point an iteration starts from).
 
-    >>> w, record = LBFGS(tol=1e-8).solve(lambda w: ((w - 3) ** 2).sum() + w.prod() ** 2,
-    ...                                    torch.zeros(2, dtype=torch.float64))
-    >>> record.converged
-    True
+    >>> w, record = LBFGS(tol=1e-10).solve(lambda w: ((w - 3) ** 2).sum() + w.prod() ** 2,
+    ...                                     torch.zeros(2, dtype=torch.float64))
+    >>> record.converged, round(float(w[0]), 6)
+    (True, 1.213412)
     """
 
-    max_iter: int = 100
-    tol: float = 1e-6
-    atol: float = 0.0
     lr: float = 1.0
     history_size: int = 10
     line_search: str | None = "strong_wolfe"
 
     def __post_init__(self) -> None:
-        check_positive_int(self, "max_iter", self.max_iter)
-        check_nonnegative(self, "tol", self.tol)
-        check_nonnegative(self, "atol", self.atol)
+        super().__post_init__()
         check_in_interval(self, "lr", self.lr, 0.0, float("inf"))
         check_positive_int(self, "history_size", self.history_size)
         if self.line_search not in ("strong_wolfe", None):
@@ -47,36 +40,49 @@ class LBFGS(Minimizer):
             )
 
     def _run(self, objective: CountingObjective, w0):
-        w = w0.detach().clone().requires_grad_()
-        _, start = objective(w0)
-        threshold = self.atol + self.tol * float(torch.linalg.vector_norm(start))
-        optimizer = torch.optim.LBFGS(
-            [w],
-            lr=self.lr,
-            max_iter=self.max_iter,
-            max_eval=None,
-            tolerance_grad=threshold / w.numel() ** 0.5,
+        state = _LBFGSState(objective, w0, self)
+        return self._iterate(state, products=lambda: objective.evaluations)
+
+
+_LINE_SEARCH_EVALUATIONS = 25  # the strong-Wolfe search's own limit in torch
+
+
+class _LBFGSState(IterationState):
+    """Drives ``torch.optim.LBFGS`` one iteration per step; its curvature memory persists
+    between steps. The points the line search evaluated are remembered, so the evaluation
+    each torch step begins with, at the point the last one accepted, is not repeated."""
+
+    def __init__(self, objective: CountingObjective, w0: torch.Tensor, options: LBFGS):
+        self.objective = objective
+        self.w = w0.detach().clone().requires_grad_()
+        self.optimizer = torch.optim.LBFGS(
+            [self.w],
+            lr=options.lr,
+            max_iter=1,
+            max_eval=_LINE_SEARCH_EVALUATIONS,  # torch's default, 5/4 of max_iter, would be 1
+            tolerance_grad=0.0,
             tolerance_change=0.0,
-            history_size=self.history_size,
-            line_search_fn=self.line_search,
+            history_size=options.history_size,
+            line_search_fn=options.line_search,
         )
+        self.evaluated: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-        def closure() -> torch.Tensor:
-            loss, grad = objective(w)
-            w.grad = grad
-            return loss
+    def _closure(self) -> torch.Tensor:
+        point = self.w.detach()
+        cached = [(loss, grad) for seen, loss, grad in self.evaluated if torch.equal(seen, point)]
+        if cached:
+            loss, grad = cached[0]
+        else:
+            loss, grad = self.objective(point)
+            self.evaluated = (self.evaluated + [(point.clone(), loss, grad)])[-4:]
+        self.w.grad = grad.clone()
+        return loss
 
-        optimizer.step(closure)
-        iterations = optimizer.state[w].get("n_iter", 0)
-        w = w.detach()
-        _, end = objective(w)
-        record = measured_record(
-            self.method,
-            iterations=iterations,
-            products=objective.evaluations,
-            residual=float(torch.linalg.vector_norm(end)),
-            scale=float(torch.linalg.vector_norm(start)),
-            tol=self.tol,
-            atol=self.atol,
-        )
-        return w, record
+    def step(self):
+        before = self.w.detach().clone()
+        self.optimizer.step(self._closure)
+        after = self.w.detach()
+        return torch.linalg.vector_norm(after - before), torch.linalg.vector_norm(after)
+
+    def result(self) -> torch.Tensor:
+        return self.w.detach().clone()
