@@ -96,8 +96,6 @@ _ADVICE = {
     ("forward", Status.MAX_ITER): "Increase the solver's `max_iter` or `tol`. For a fixed point "
     "try `Anderson`, or check that Phi contracts in w near the fixed point; for an argmin try "
     "`LBFGS` or a larger `lr`.",
-    ("forward", Status.INACCURATE): "Increase the minimizer's `max_iter` or `tol`, or give an "
-    "`atol`: LBFGS's line search cannot reach relative gradients far below sqrt(eps).",
     ("forward", Status.NONFINITE): "Check the function for overflow (a step size too large?) "
     "and the initial guess and params for NaN/Inf.",
     ("backward", Status.MAX_ITER): "Increase the backward solver's `max_iter` or `tol`. For a "
