@@ -87,20 +87,9 @@ class AdamHD(HypergradientOptimizer):
         require("AdamHD", "weight_decay", decay, decay >= 0, "non-negative")
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        weight_decay, eps = group["weight_decay"], group["eps"]
+        eps = group["eps"]
         beta1, beta2 = group["betas"]
-        params, grads, previous = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                if p in self.state:  # it does not move: no direction for the next hypergradient
-                    self.state[p].pop("hd_direction", None)
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamHD does not support sparse gradients.")
-            params.append(p)
-            grads.append(p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay))
-            previous.append(self.state[p].get("hd_direction"))
-
+        params, grads, previous = self._gradients(group)
         lr = adapt_lr(group, grads, previous)
         for p, grad in zip(params, grads):
             state = self.state[p]

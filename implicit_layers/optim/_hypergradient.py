@@ -82,6 +82,35 @@ class HypergradientOptimizer(Optimizer):
     def _step_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    _supports_sparse = False
+
+    def _gradients(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+        """The params of ``group`` that have a gradient, their gradients ``g_t`` (weight decay
+        added) and their previous directions ``d_{t-1}``. A param without a gradient does not
+        move, so it loses its direction for the next hypergradient."""
+        name, weight_decay = type(self).__name__, group["weight_decay"]
+        params, grads, previous = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                if p in self.state:
+                    self.state[p].pop("hd_direction", None)
+                continue
+            grad = p.grad
+            if grad.is_sparse and not self._supports_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients.")
+            if weight_decay != 0:
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"{name}: sparse gradients are not supported with `weight_decay` != 0."
+                    )
+                grad = grad.add(p, alpha=weight_decay)
+            params.append(p)
+            grads.append(grad)
+            previous.append(self.state[p].get("hd_direction"))
+        return params, grads, previous
+
 
 def adapt_lr(
     group: dict[str, Any], grads: Sequence[Tensor], directions: Sequence[Tensor | None]

@@ -84,26 +84,12 @@ class SGDHD(HypergradientOptimizer):
             require("SGDHD", "momentum", momentum, momentum > 0, "positive with nesterov=True")
             require("SGDHD", "dampening", dampening, dampening == 0, "0 with nesterov=True")
 
+    _supports_sparse = True
+
     def _step_group(self, group: dict[str, Any]) -> None:
         momentum, dampening = group["momentum"], group["dampening"]
-        weight_decay, nesterov = group["weight_decay"], group["nesterov"]
-        params, grads, previous = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                if p in self.state:  # it does not move: no direction for the next hypergradient
-                    self.state[p].pop("hd_direction", None)
-                continue
-            grad = p.grad
-            if weight_decay != 0:
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        "SGDHD: sparse gradients are not supported with `weight_decay` != 0."
-                    )
-                grad = grad.add(p, alpha=weight_decay)
-            params.append(p)
-            grads.append(grad)
-            previous.append(self.state[p].get("hd_direction"))
-
+        nesterov = group["nesterov"]
+        params, grads, previous = self._gradients(group)
         lr = adapt_lr(group, grads, previous)
         for p, grad in zip(params, grads):
             state = self.state[p]
