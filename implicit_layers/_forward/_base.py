@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from .._iteration import IterationState, IterativeMethod
 from .._records import SolveRecord, measured_record
 from .._tree import FlatSpace
+from .._user_callable import UserCallable
 
 __all__ = ["ForwardSolver", "IterativeForwardSolver", "UserForwardSolver", "as_forward_solver"]
 
@@ -56,7 +56,7 @@ class IterativeForwardSolver(IterativeMethod, ForwardSolver):
         """The state of a run; each step evaluates ``f`` once at the current iterate."""
 
 
-class UserForwardSolver(ForwardSolver):
+class UserForwardSolver(UserCallable, ForwardSolver):
     """A user callable ``solver(f, w0) -> w`` on the user's own tree structure.
 
     This is how an inner training loop becomes a layer. It has no tolerance of its own: the
@@ -64,17 +64,9 @@ class UserForwardSolver(ForwardSolver):
     extra evaluation of ``f`` (counted in ``products``).
     """
 
-    def __init__(self, function: Callable[[Callable, Any], Any], space: FlatSpace):
-        self.function, self.space = function, space
-
-    @property
-    def method(self) -> str:
-        return getattr(self.function, "__name__", type(self.function).__name__)
-
     def _run(self, f, w0):
         space = self.space
-        w_tree = self.function(lambda w: space.unflatten(f(space.flatten(w))), space.unflatten(w0))
-        w = space.flatten_leaves(space.check(w_tree, f"the result of the solver `{self.method}`"))
+        w = self._solve_on_tree(lambda w: space.unflatten(f(space.flatten(w))), w0)
         made = f.evaluations
         record = measured_record(
             self.method,

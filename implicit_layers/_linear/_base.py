@@ -12,6 +12,7 @@ import torch
 from .._iteration import IterationState, IterativeMethod
 from .._operator import CountingOperator, LinearOperator, as_operator
 from .._records import SolveRecord, Status, measured_record
+from .._user_callable import UserCallable
 
 __all__ = ["LinearSolver", "IterativeLinearSolver", "UserLinearSolver", "as_linear_solver"]
 
@@ -107,22 +108,12 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
         """The state of a run from iterate ``x`` with residual ``b - A x``."""
 
 
-class UserLinearSolver(LinearSolver):
+class UserLinearSolver(UserCallable, LinearSolver):
     """A user callable ``backward(matvec, b) -> x`` as a linear solver.
 
     It has no tolerance of its own, so its record has status ``UNCHECKED``; the residual is
     measured with one extra product, counted in the record.
     """
-
-    def __init__(self, function: Callable[[Callable, torch.Tensor], torch.Tensor]):
-        self.function = function
-
-    @property
-    def method(self) -> str:
-        return getattr(self.function, "__name__", type(self.function).__name__)
-
-    def __repr__(self) -> str:
-        return f"UserLinearSolver({self.method})"
 
     def _run(self, operator, b, x0, unit):
         x = self.function(operator.mv, b)

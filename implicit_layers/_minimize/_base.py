@@ -15,6 +15,7 @@ import torch
 
 from .._records import SolveRecord, measured_record
 from .._tree import FlatSpace
+from .._user_callable import UserCallable
 
 __all__ = ["Minimizer", "UserMinimizer", "as_minimizer", "Objective"]
 
@@ -53,20 +54,13 @@ class Minimizer(abc.ABC):
     ) -> tuple[torch.Tensor, SolveRecord]: ...
 
 
-class UserMinimizer(Minimizer):
+class UserMinimizer(UserCallable, Minimizer):
     """A user callable ``solver(f, w0) -> w`` on the user's tree structure, ``f(w)`` the loss.
 
     This is how a user's own inner training loop becomes an argmin layer. It has no tolerance:
     the record has status ``UNCHECKED`` and the stationarity ``||grad f(w)|| / ||grad f(w0)||``,
     measured with two extra gradient evaluations (counted in ``products``).
     """
-
-    def __init__(self, function: Callable[[Callable, Any], Any], space: FlatSpace):
-        self.function, self.space = function, space
-
-    @property
-    def method(self) -> str:
-        return getattr(self.function, "__name__", type(self.function).__name__)
 
     def _run(self, objective, w0):
         space, calls = self.space, []
@@ -75,8 +69,7 @@ class UserMinimizer(Minimizer):
             calls.append(1)
             return objective.objective(space.flatten(w))
 
-        w_tree = self.function(loss, space.unflatten(w0))
-        w = space.flatten_leaves(space.check(w_tree, f"the result of the solver `{self.method}`"))
+        w = self._solve_on_tree(loss, w0)
         made = len(calls)
         start, end = objective(w0)[1], objective(w)[1]
         record = measured_record(
