@@ -8,6 +8,7 @@ backpropagating through the iterations.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._argmin_layer import ArgminLayer, argmin_layer
+from ._bilevel import BilevelLog, BilevelTrainer
 from ._fixed_point_layer import FixedPointLayer, fixed_point_layer
 from ._forward import Anderson, FixedPoint, ForwardSolver
 from ._functional_optim import FunctionalOptimizer, adam, gradient_step, sgd
@@ -33,6 +34,8 @@ __all__ = [
     "HypergradientMethod",
     "FiniteDifference",
     "StochasticAID",
+    "BilevelTrainer",
+    "BilevelLog",
     "unroll",
     "UnrollMode",
     "Full",

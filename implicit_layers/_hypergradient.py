@@ -52,6 +52,19 @@ def hypergradient(
     >>> bool(torch.isclose(grad, exact)), record.method
     (True, 'CG')
     """
+    grads, record, _ = hypergradient_and_loss(inner_loss, outer_loss, w, lam, method, on_failure)
+    return grads, record
+
+
+def hypergradient_and_loss(
+    inner_loss: Callable[[Any, Any], torch.Tensor],
+    outer_loss: Callable[[Any, Any], torch.Tensor],
+    w: Any,
+    lam: Any,
+    method: LinearSolver | HypergradientMethod | Callable = DEFAULT_HESSIAN_SOLVER,
+    on_failure: OnFailure = "warn",
+) -> tuple[Any, SolveRecord, torch.Tensor]:
+    """:func:`hypergradient`, and the outer loss it evaluated on the way (detached)."""
     space = FlatSpace(w, "w")
     lam_leaves, lam_spec = tree_flatten(lam)
     for index, leaf in enumerate(lam_leaves):
@@ -77,7 +90,7 @@ def hypergradient(
         implicit = graph.param_grads(x)
     report(record, "hypergradient", on_failure)
     total = [d + i for d, i in zip(direct, implicit)]
-    return tree_unflatten(lam_spec, total), record
+    return tree_unflatten(lam_spec, total), record, outer.detach()
 
 
 @dataclass(frozen=True)
