@@ -24,10 +24,12 @@ class IterationState(abc.ABC):
 
     ``step`` makes one iteration and returns ``(residual, scale)`` of the iterate that ``result``
     returns after it; ``result_index`` says which entry of the history describes that iterate
-    (``None``: the latest).
+    (``None``: the latest). A method that finds it cannot go on (a breakdown that is not a NaN)
+    sets ``stopped`` to the status to report.
     """
 
     result_index: int | None = None
+    stopped: Status | None = None
 
     @abc.abstractmethod
     def step(self) -> tuple[Number, Number]: ...
@@ -72,6 +74,8 @@ def iterate(
     while status is None and iterations < max_iter:
         iterations += 1
         status = judge(state.step())
+        if state.stopped is not None:
+            status = state.stopped
     status = status or Status.MAX_ITER
 
     index = -1 if state.result_index is None else state.result_index

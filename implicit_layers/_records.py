@@ -28,6 +28,10 @@ class Status(enum.Enum):
     MAX_ITER = "did not converge: the iteration budget ran out before the tolerance was met"
     INACCURATE = "did not converge: the final residual is above the tolerance"
     NONFINITE = "failed: a NaN or Inf appeared"
+    INDEFINITE = (
+        "failed: the system is not positive definite (a search direction p has p.A p <= 0), "
+        "and CG needs a symmetric positive definite one"
+    )
     UNCHECKED = "finished: the method has no tolerance to judge by; read the residual"
 
 
@@ -64,7 +68,12 @@ class SolveRecord:
     @property
     def failed(self) -> bool:
         """True for the statuses the ``on_failure`` policy acts on."""
-        return self.status in (Status.MAX_ITER, Status.INACCURATE, Status.NONFINITE)
+        return self.status in (
+            Status.MAX_ITER,
+            Status.INACCURATE,
+            Status.NONFINITE,
+            Status.INDEFINITE,
+        )
 
     def summary(self) -> str:
         tolerance = "" if self.tol is None else f" (tol {self.tol:.1e})"
@@ -104,6 +113,11 @@ _ADVICE = {
     "Hessian must be positive definite at w (a strict minimum).",
     ("backward", Status.INACCURATE): "The system is ill-conditioned at w*: solve in float64, or "
     "check that w* is an isolated fixed point or a strict minimum.",
+    ("backward", Status.INDEFINITE): "The solution returned is the last iterate before that "
+    "direction. For a fixed point use `GMRES` (valid whenever I - J is non-singular). For an "
+    "argmin, w is not at a strict minimum (its Hessian has a negative or zero eigenvalue): train "
+    "the inner problem further, use `GMRES` (any non-singular system) or add damping with "
+    "`Nystrom(rho=...)`.",
     ("backward", Status.NONFINITE): "Check the incoming gradient and the function's derivatives "
     "at w* for NaN/Inf; a breakdown of the method's recurrence also shows as NaN (try `GMRES`).",
 }

@@ -9,7 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from implicit_layers import CG, GMRES, BiCGSTAB, Direct, Neumann, NormalCG, Status
+from implicit_layers import (
+    CG,
+    GMRES,
+    BiCGSTAB,
+    ConvergenceWarning,
+    Direct,
+    Neumann,
+    NormalCG,
+    Status,
+)
+from implicit_layers._records import report
 
 f64 = torch.float64
 
@@ -297,3 +307,54 @@ def test_jacobi_preconditioning_cuts_iterations_on_a_badly_scaled_system():
 def test_preconditioner_must_be_callable():
     with pytest.raises(TypeError, match="`preconditioner` must be a callable"):
         CG(preconditioner=3)
+
+
+@st.composite
+def symmetric_indefinite_systems(draw):
+    """A symmetric ``A`` with eigenvalues of both signs (at least one <= 0), and ``b``."""
+    n = draw(st.integers(2, 20))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=f64))
+    eigenvalues = torch.randn(n, generator=generator, dtype=f64)
+    eigenvalues[0] = -eigenvalues[0].abs() - 0.1
+    A = q @ torch.diag(eigenvalues) @ q.T
+    return A, torch.randn(n, generator=generator, dtype=f64)
+
+
+def textbook_cg_until_nonpositive_curvature(A, b, k):
+    """Textbook CG that stops before a direction with ``p.A p <= 0``: ``(x, iterations, met)``."""
+    x, r = torch.zeros_like(b), b.clone()
+    p = r.clone()
+    for iteration in range(1, k + 1):
+        Ap = A @ p
+        if p @ Ap <= 0:
+            return x, iteration, True
+        alpha = (r @ r) / (p @ Ap)
+        x = x + alpha * p
+        r_new = r - alpha * Ap
+        p = r_new + ((r_new @ r_new) / (r @ r)) * p
+        r = r_new
+    return x, k, False
+
+
+@settings(max_examples=40, deadline=None)
+@given(symmetric_indefinite_systems(), st.integers(1, 25))
+def test_cg_stops_at_negative_curvature_with_its_last_iterate(system, k):
+    A, b = system
+    x, record = CG(max_iter=k, tol=0.0).solve(A, b)
+    expected, iterations, met = textbook_cg_until_nonpositive_curvature(A, b, k)
+    assert record.iterations == record.products == iterations
+    assert record.status is (Status.INDEFINITE if met else Status.MAX_ITER)
+    assert record.failed
+    torch.testing.assert_close(x, expected, rtol=1e-8, atol=1e-8 * float(expected.norm()))
+    assert record.residual == pytest.approx(float((b - A @ x).norm()), rel=1e-6, abs=1e-12)
+
+
+def test_cg_on_an_indefinite_system_is_reported_by_the_policy():
+    A, b = torch.diag(torch.tensor([1.0, -1.0])), torch.ones(2)  # p0 = b: b.A b = 0
+    x, record = CG().solve(A, b)
+    assert record.status is Status.INDEFINITE and record.products == 1
+    assert torch.equal(x, torch.zeros(2))
+    with pytest.warns(ConvergenceWarning, match="not positive definite.*GMRES"):
+        report(record, "backward", "warn")

@@ -8,6 +8,7 @@ import torch
 
 from .._iteration import IterationState
 from .._options import options
+from .._records import Status
 from ._base import IterativeLinearSolver, check_preconditioner
 
 Preconditioner = Callable[[torch.Tensor], torch.Tensor]
@@ -21,6 +22,9 @@ class CG(IterativeLinearSolver):
     In a layer's backward ``A = (I - J)^T``; that is SPD when ``Phi = w - a grad f(w)`` is a
     gradient step with ``a > 0`` on a strongly convex ``f`` (then ``I - J = a H``).
     For a general map ``I - J`` is not symmetric and CG's answer is wrong: use :class:`GMRES`.
+    A direction of non-positive curvature, ``p.A p <= 0``, proves ``A`` is not positive
+    definite: CG stops there with status ``INDEFINITE`` (a failure, reported by the
+    ``on_failure`` policy) and returns its last iterate.
 
     One product per iteration (none for the initial residual when ``x0`` is ``None``); the
     direction is updated with the new residual, ``p <- r_new + (r_new.r_new / r.r) p``, so the
@@ -70,7 +74,9 @@ class CGState(IterationState):
 
     def step(self):
         q, direction, curvature = self.products(self.p)
-        alpha = self.rz / curvature
+        # Where p.A p <= 0 the system is not SPD: take no step (alpha = 0) and stop below. The
+        # sign is read together with the residual, in the one synchronisation of an iteration.
+        alpha = torch.where(curvature <= 0, torch.zeros_like(curvature), self.rz / curvature)
         self.x.addcmul_(direction, alpha)
         self.r.addcmul_(q, alpha, value=-1)
         z = self._precondition(self.r)
@@ -78,6 +84,9 @@ class CGState(IterationState):
         self.p.mul_(rz_new / self.rz).add_(z)
         self.rz = rz_new
         residual = rz_new.sqrt() if self.preconditioner is None else self.r.norm()
+        curvature, residual = torch.stack((curvature, residual)).tolist()
+        if curvature <= 0:
+            self.stopped = Status.INDEFINITE
         return residual, self.b_norm
 
     def result(self) -> torch.Tensor:
