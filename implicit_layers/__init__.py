@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._argmin_layer import ArgminLayer, argmin_layer
 from ._bilevel import BilevelLog, BilevelTrainer
 from ._fixed_point_layer import FixedPointLayer, fixed_point_layer
-from ._forward import Anderson, FixedPoint, ForwardSolver
+from ._forward import Anderson, Broyden, FixedPoint, ForwardSolver
 from ._functional_optim import FunctionalOptimizer, adam, gradient_step, sgd
 from ._hypergradient import FiniteDifference, HypergradientMethod, StochasticAID, hypergradient
 from ._implicit_layer import ImplicitLayer, SolveInfo
@@ -53,6 +53,7 @@ __all__ = [
     "ForwardSolver",
     "FixedPoint",
     "Anderson",
+    "Broyden",
     "LinearSolver",
     "CG",
     "GMRES",

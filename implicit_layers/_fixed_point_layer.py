@@ -77,7 +77,7 @@ class FixedPointLayer(ImplicitLayer):
     _identity_minus = True  # F = w - Phi
 
     def _residual(self, space):
-        phi = self.phi
+        phi = self.function
 
         def residual(w, *params):
             return space.check(phi(w, *params), "Phi's output")

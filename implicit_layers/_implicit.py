@@ -139,8 +139,8 @@ class ResidualGraph:
 class ImplicitOperator(LinearOperator):
     """``A = F_w^T`` at the solution: ``mv`` is one VJP, ``rmv`` one JVP."""
 
-    def __init__(self, graph: ResidualGraph):
-        self.graph = graph
+    def __init__(self, graph: ResidualGraph, rows: int = 1):
+        self.graph, self.rows = graph, rows
         self.size = graph.space.size
         self.dtype = graph.space.dtype
         self.device = graph.space.device

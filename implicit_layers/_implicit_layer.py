@@ -80,6 +80,7 @@ class ImplicitLayer(nn.Module, abc.ABC):
         self.last_backward: SolveRecord | None = None
 
     _function_name = "function"
+    _start_name = "w0"  # what the initial guess is called in messages
     _solver_type: type = object  # the solver objects a subclass accepts, besides callables
     _solver_examples = ""
 
@@ -94,7 +95,7 @@ class ImplicitLayer(nn.Module, abc.ABC):
 
     def solve(self, w0: Any, *params: Any) -> tuple[Any, SolveInfo]:
         """Like calling the layer, and also return this call's :class:`SolveInfo`."""
-        space = FlatSpace(w0, "w0")
+        space = FlatSpace(w0, self._start_name)
         call = _Call(self, space, params)
         w_star = _ImplicitFunction.apply(call, space.flatten(w0).detach(), *call.tensors)
         return space.unflatten(w_star), call.info
@@ -118,6 +119,10 @@ class ImplicitLayer(nn.Module, abc.ABC):
         sets ``_identity_minus`` (a fixed point), else ``F = G``."""
 
     _identity_minus = False
+
+    def _rows(self, space: FlatSpace) -> int:
+        """How many independent rows ``w`` holds (a batch of samples that never mix)."""
+        return 1
 
 
 class _Call:
@@ -185,7 +190,8 @@ class _Call:
         previous = layer._previous_backward
         if layer.warm_start and previous is not None and previous.shape == b.shape:
             x0 = previous.to(dtype=b.dtype, device=b.device)
-        x, record = layer.backward_solver.solve(ImplicitOperator(graph), b, x0)
+        operator = ImplicitOperator(graph, layer._rows(self.space))
+        x, record = layer.backward_solver.solve(operator, b, x0)
         if layer.warm_start:
             layer._previous_backward = x.detach()
         self.info.backward = self.layer.last_backward = record

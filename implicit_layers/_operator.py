@@ -19,11 +19,14 @@ class LinearOperator:
 
     Subclasses implement :meth:`mv` and, where they can, :meth:`rmv`. :meth:`as_matrix` builds the
     dense matrix from ``n`` products with the unit vectors unless a subclass knows it already.
+    ``rows > 1`` says the map is block-diagonal over that many equal blocks of the vector (the
+    samples of a batch do not mix), so a solver may judge each block on its own.
     """
 
     size: int
     dtype: torch.dtype
     device: torch.device
+    rows: int = 1
 
     def mv(self, vector: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -100,6 +103,7 @@ class CountingOperator(LinearOperator):
     def __init__(self, inner: LinearOperator):
         self.inner = inner
         self.size, self.dtype, self.device = inner.size, inner.dtype, inner.device
+        self.rows = inner.rows
         self.products = 0
 
     def mv(self, vector: torch.Tensor) -> torch.Tensor:

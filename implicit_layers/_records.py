@@ -48,7 +48,12 @@ class SolveRecord:
         relative_residual: ``residual`` over its scale, ``||w||`` or ``||b||``.
         tol, atol: the tolerances judged against (``residual <= atol + tol * scale``).
         status: how the solve ended, see :class:`Status`.
-        history: the relative residual at every iteration, the initial one first (if measured).
+        history: the relative residual at every iteration, the initial one first (if measured);
+            for a batch, the worst row's.
+        sample_iterations, sample_residuals, sample_converged: for a batch of independent rows
+            (a deep equilibrium model's samples), each row's iterations until it stopped, the
+            relative residual of its returned iterate, and whether it converged; empty
+            otherwise. ``residual`` and ``relative_residual`` are then the worst row's.
     """
 
     method: str
@@ -60,6 +65,9 @@ class SolveRecord:
     atol: float | None
     status: Status
     history: tuple[float, ...] = ()
+    sample_iterations: tuple[int, ...] = ()
+    sample_residuals: tuple[float, ...] = ()
+    sample_converged: tuple[bool, ...] = ()
 
     @property
     def converged(self) -> bool:

@@ -2,6 +2,7 @@
 
 from ._base import ForwardSolver, IterativeForwardSolver, UserForwardSolver, as_forward_solver
 from .anderson import Anderson
+from .broyden import Broyden
 from .fixed_point import FixedPoint
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "UserForwardSolver",
     "as_forward_solver",
     "Anderson",
+    "Broyden",
     "FixedPoint",
 ]

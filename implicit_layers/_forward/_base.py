@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from .._iteration import IterationState, IterativeMethod
-from .._records import SolveRecord, measured_record
+from .._records import SolveRecord, measured_record, relative
 from .._tree import FlatSpace
 from .._user_callable import UserCallable
 
-__all__ = ["ForwardSolver", "IterativeForwardSolver", "UserForwardSolver", "as_forward_solver"]
+__all__ = [
+    "ForwardSolver",
+    "IterativeForwardSolver",
+    "UserForwardSolver",
+    "as_forward_solver",
+    "RowState",
+    "row_norms",
+    "replace_slot",
+]
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 
@@ -27,14 +36,22 @@ class _CountingMap:
 
 
 class ForwardSolver(abc.ABC):
-    """Finds a fixed point ``w = f(w)`` of a map on flat vectors, from ``w0``."""
+    """Finds a fixed point ``w = f(w)`` from ``w0``: a flat vector, or a ``(batch, n)`` matrix
+    of independent rows (``f`` maps each row on its own, as a deep equilibrium model maps its
+    samples), each of which stops when it converges."""
 
     @property
     def method(self) -> str:
         return type(self).__name__
 
     def solve(self, f: Map, w0: torch.Tensor) -> tuple[torch.Tensor, SolveRecord]:
-        """Return the fixed point and the record of the solve (``products`` counts f's calls)."""
+        """Return the fixed point and the record of the solve (``products`` counts f's calls;
+        for rows, the record also holds each row's iterations and residual)."""
+        if w0.ndim not in (1, 2):
+            raise ValueError(
+                f"`w0` must be a flat vector or a (batch, n) matrix of rows, got shape "
+                f"{tuple(w0.shape)}."
+            )
         counted = _CountingMap(f)
         return self._run(counted, w0)
 
@@ -49,11 +66,49 @@ class IterativeForwardSolver(IterativeMethod, ForwardSolver):
     record's residual is that point's."""
 
     def _run(self, f, w0):
-        return self._iterate(self._start(f, w0), products=lambda: f.evaluations)
+        if w0.ndim == 2:
+            return self._iterate(self._start(f, w0), products=lambda: f.evaluations)
+        w, record = self._iterate(
+            self._start(lambda rows: f(rows[0]).unsqueeze(0), w0.unsqueeze(0)),
+            products=lambda: f.evaluations,
+        )
+        return w[0], record
 
     @abc.abstractmethod
     def _start(self, f: Map, w0: torch.Tensor) -> IterationState:
-        """The state of a run; each step evaluates ``f`` once at the current iterate."""
+        """The state of a run on the rows ``w0`` (``(batch, n)``); each step evaluates ``f``
+        once, on every row."""
+
+
+class RowState(IterationState):
+    """A forward iteration on rows: the rows the loop freezes keep their iterate ``w``."""
+
+    def __init__(self, w0: torch.Tensor):
+        self.w = w0
+        self.proposal: torch.Tensor | None = None  # the next iterate, once a step proposed it
+        self.frozen: torch.Tensor | None = None
+
+    def freeze(self, rows):
+        rows = rows.to(self.w.device)
+        self.frozen = rows if self.frozen is None else self.frozen | rows
+        if self.proposal is not None:
+            self.proposal = self.keep(self.proposal)
+
+    def keep(self, proposal: torch.Tensor) -> torch.Tensor:
+        """``proposal`` for the rows still running, the current iterate for the frozen ones."""
+        if self.frozen is None:
+            return proposal
+        return torch.where(self.frozen[:, None], self.w, proposal)
+
+
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(rows, dim=1)
+
+
+def replace_slot(history: torch.Tensor, slot: int, rows: torch.Tensor) -> torch.Tensor:
+    """``history`` (``(batch, memory, n)``) with ``history[:, slot] = rows``, out of place, so
+    an iteration run under autograd (unrolled differentiation) can be differentiated."""
+    return torch.cat((history[:, :slot], rows.unsqueeze(1), history[:, slot + 1 :]), dim=1)
 
 
 class UserForwardSolver(UserCallable, ForwardSolver):
@@ -61,20 +116,29 @@ class UserForwardSolver(UserCallable, ForwardSolver):
 
     This is how an inner training loop becomes a layer. It has no tolerance of its own: the
     record has status ``UNCHECKED`` and the residual of the returned point, measured with one
-    extra evaluation of ``f`` (counted in ``products``).
+    extra evaluation of ``f`` (counted in ``products``); for rows, the worst row's, and each
+    row's in ``sample_residuals``.
     """
 
     def _run(self, f, w0):
-        space = self.space
-        w = self._solve_on_tree(lambda w: space.unflatten(f(space.flatten(w))), w0)
+        space, shape = self.space, w0.shape
+        flat = (lambda v: f(v.view(shape)).reshape(-1)) if w0.ndim == 2 else f
+        w = self._solve_on_tree(lambda w: space.unflatten(flat(space.flatten(w))), w0.reshape(-1))
+        w = w.view(shape)
         made = f.evaluations
+        rows = (f(w) - w, w) if w0.ndim == 2 else ((f(w) - w)[None], w[None])
+        residuals, scales = (row_norms(r).tolist() for r in rows)
+        ratios = [relative(r, s) for r, s in zip(residuals, scales)]
+        worst = max(range(len(ratios)), key=lambda row: ratios[row])
         record = measured_record(
             self.method,
             iterations=made,
             products=made + 1,
-            residual=float(torch.linalg.vector_norm(f(w) - w)),
-            scale=float(torch.linalg.vector_norm(w)),
+            residual=residuals[worst],
+            scale=scales[worst],
         )
+        if w0.ndim == 2 and shape[0] > 1:
+            record = dataclasses.replace(record, sample_residuals=tuple(ratios))
         return w, record
 
 

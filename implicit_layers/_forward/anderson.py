@@ -6,9 +6,8 @@ import math
 
 import torch
 
-from .._iteration import IterationState
 from .._options import check_in_interval, check_nonnegative, check_positive_int, options
-from ._base import IterativeForwardSolver
+from ._base import IterativeForwardSolver, RowState, replace_slot, row_norms
 
 
 @options
@@ -43,47 +42,55 @@ class Anderson(IterativeForwardSolver):
         return _AndersonState(f, w0, self.memory, self.damping, self.regularization)
 
 
-class _AndersonState(IterationState):
+class _AndersonState(RowState):
+    returns_best = True
+
     def __init__(self, f, w0, memory, damping, regularization):
-        self.f, self.w, self.damping, self.regularization = f, w0, damping, regularization
-        self.proposal = None
-        self.dW = w0.new_zeros(memory, w0.numel())
-        self.dG = w0.new_zeros(memory, w0.numel())
+        super().__init__(w0)
+        self.f, self.damping, self.regularization = f, damping, regularization
+        rows, n = w0.shape
+        self.dW = w0.new_zeros(rows, memory, n)
+        self.dG = w0.new_zeros(rows, memory, n)
         self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.filled = 0  # differences stored so far
-        self.steps = 0
-        self.best = (math.inf, w0)
-        self.result_index = 0
+        self.best_w = w0
+        self.best_residual = w0.new_full((rows,), math.inf)
 
     def step(self):
         if self.proposal is not None:
             self.w = self.proposal
         w = self.w
         g = self.f(w) - w
-        residual, scale = torch.linalg.vector_norm(g), torch.linalg.vector_norm(w)
-        residual_value = float(residual)
-        if residual_value < self.best[0]:
-            self.best, self.result_index = (residual_value, w), self.steps
-        self.steps += 1
+        residual = row_norms(g)
+        better = residual < self.best_residual  # never for NaN
+        self.best_residual = torch.where(better, residual, self.best_residual)
+        self.best_w = torch.where(better[:, None], w, self.best_w)
         if self.previous is not None:
-            slot = (self.filled) % self.dW.shape[0]
-            self.dW[slot] = w - self.previous[0]
-            self.dG[slot] = g - self.previous[1]
+            slot = self.filled % self.dW.shape[1]
+            self.dW = replace_slot(self.dW, slot, w - self.previous[0])
+            self.dG = replace_slot(self.dG, slot, g - self.previous[1])
             self.filled += 1
         self.previous = (w, g)
-        self.proposal = w + self.damping * g - self._correction(g)
-        return residual, scale
+        self.proposal = self.keep(w + self.damping * g - self._correction(g))
+        return residual, row_norms(w)
 
     def _correction(self, g: torch.Tensor) -> torch.Tensor:
-        count = min(self.filled, self.dW.shape[0])
+        count = min(self.filled, self.dW.shape[1])
         if count == 0:
             return torch.zeros_like(g)
-        dG, dW = self.dG[:count], self.dW[:count]
-        gram = (dG @ dG.T).double()
+        dG, dW = self.dG[:, :count], self.dW[:, :count]
+        gram = (dG @ dG.transpose(1, 2)).double()
         weight = self.regularization * torch.linalg.matrix_norm(gram) + torch.finfo(gram.dtype).tiny
-        system = gram + weight * torch.eye(count, dtype=gram.dtype, device=gram.device)
-        gamma = torch.linalg.solve(system, (dG @ g).double()).to(g.dtype)
-        return (dW + self.damping * dG).T @ gamma
+        eye = torch.eye(count, dtype=gram.dtype, device=gram.device)
+        system = gram + weight[:, None, None] * eye
+        gamma = torch.linalg.solve(system, (dG @ g.unsqueeze(2)).double()).to(g.dtype)
+        return ((dW + self.damping * dG).transpose(1, 2) @ gamma).squeeze(2)
+
+    def freeze(self, rows):
+        super().freeze(rows)
+        # a frozen row returns its current iterate, the one the loop judged done
+        self.best_w = torch.where(self.frozen[:, None], self.w, self.best_w)
+        self.best_residual = torch.where(self.frozen, -math.inf, self.best_residual)
 
     def result(self) -> torch.Tensor:
-        return self.best[1]
+        return self.best_w

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._iteration import IterationState
 from .._options import check_in_interval, options
-from ._base import IterativeForwardSolver
+from ._base import IterativeForwardSolver, RowState, row_norms
 
 
 @options
@@ -32,16 +31,17 @@ class FixedPoint(IterativeForwardSolver):
         return _FixedPointState(f, w0, self.damping)
 
 
-class _FixedPointState(IterationState):
+class _FixedPointState(RowState):
     def __init__(self, f, w0, damping):
-        self.f, self.w, self.damping, self.proposal = f, w0, damping, None
+        super().__init__(w0)
+        self.f, self.damping = f, damping
 
     def step(self):
         if self.proposal is not None:
             self.w = self.proposal
         residual = self.f(self.w) - self.w
-        self.proposal = self.w + self.damping * residual
-        return torch.linalg.vector_norm(residual), torch.linalg.vector_norm(self.w)
+        self.proposal = self.keep(self.w + self.damping * residual)
+        return row_norms(residual), row_norms(self.w)
 
     def result(self) -> torch.Tensor:
         return self.w

@@ -139,13 +139,20 @@ def check_preconditioner(solver: LinearSolver) -> None:
 
 
 def as_linear_solver(solver: LinearSolver | Callable) -> LinearSolver:
-    """A :class:`LinearSolver` from a solver object or a callable ``(matvec, b) -> x``."""
+    """A :class:`LinearSolver` from a solver object, an iterative forward solver (run on the
+    fixed point ``x = b + (I - A) x``) or a callable ``(matvec, b) -> x``."""
+    from .._forward import IterativeForwardSolver
+    from .fixed_point_iteration import FixedPointIteration
+
     if isinstance(solver, LinearSolver):
         return solver
+    if isinstance(solver, IterativeForwardSolver):
+        return FixedPointIteration(solver)
     if callable(solver):
         return UserLinearSolver(solver)
     raise TypeError(
-        "`backward` must be a linear solver (GMRES(), CG(), ...) or a callable "
+        "`backward` must be a linear solver (GMRES(), CG(), ...), an iterative forward solver "
+        "(Anderson(), Broyden(), FixedPoint()) or a callable "
         f"(matvec, b) -> x; got {type(solver).__name__}."
     )
 

@@ -1,0 +1,97 @@
+"""Limited-memory Broyden's method ("good" Broyden, on the inverse Jacobian)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._options import check_positive_int, options
+from ._base import IterativeForwardSolver, RowState, replace_slot, row_norms
+
+
+@options
+class Broyden(IterativeForwardSolver):
+    """Broyden's quasi-Newton method (Broyden 1965) for ``g(w) = f(w) - w = 0``, as used by deep
+    equilibrium models (Bai et al., 2019).
+
+    It keeps ``H ~ (dg/dw)^{-1}`` as ``-I + sum_i u_i v_i^T`` and moves to ``w <- w - H g``.
+    After each step ``s = dw``, ``y = dg``, the "good" update
+    ``H <- H + (s - H y) (s^T H) / (s^T H y)`` makes ``H y = s`` with the least change to
+    ``s^T H``. ``memory`` rank-one terms are kept, the oldest overwritten first; an update
+    whose denominator ``s^T H y`` is negligible against ``||s^T H|| ||y||`` is skipped. The
+    first step is a plain fixed-point step (``H = -I``). One evaluation per iteration; the
+    iterate with the smallest residual is returned, per row on a batch.
+
+    >>> w, record = Broyden(tol=1e-8).solve(lambda w: torch.cos(w), torch.zeros(1))
+    >>> round(float(w), 6), record.iterations < 15
+    (0.739085, True)
+    """
+
+    memory: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self, "memory", self.memory)
+
+    def _start(self, f, w0):
+        return _BroydenState(f, w0, self.memory)
+
+
+class _BroydenState(RowState):
+    returns_best = True
+
+    def __init__(self, f, w0, memory):
+        super().__init__(w0)
+        rows, n = w0.shape
+        self.f, self.memory = f, memory
+        self.U = w0.new_zeros(rows, memory, n)  # H = -I + U^T V, row i of U and V a rank-one term
+        self.V = w0.new_zeros(rows, memory, n)
+        self.updates = 0
+        self.g: torch.Tensor | None = None
+        self.best_w = w0
+        self.best_residual = w0.new_full((rows,), math.inf)
+
+    def _apply(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for each row."""
+        return -v + (self.U.transpose(1, 2) @ (self.V @ v.unsqueeze(2))).squeeze(2)
+
+    def _apply_transposed(self, s: torch.Tensor) -> torch.Tensor:
+        """``s^T H`` for each row, as a column."""
+        return -s + (self.V.transpose(1, 2) @ (self.U @ s.unsqueeze(2))).squeeze(2)
+
+    def _update(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        hy, sh = self._apply(y), self._apply_transposed(s)
+        denominator = (sh * y).sum(1)
+        scale = row_norms(sh) * row_norms(y) * torch.finfo(s.dtype).eps
+        usable = denominator.abs() > scale  # frozen rows have s = 0: never usable
+        safe = torch.where(usable, denominator, torch.ones_like(denominator))
+        u = torch.where(usable[:, None], (s - hy) / safe[:, None], torch.zeros_like(s))
+        slot = self.updates % self.memory
+        self.U = replace_slot(self.U, slot, u)
+        self.V = replace_slot(self.V, slot, torch.where(usable[:, None], sh, torch.zeros_like(sh)))
+        self.updates += 1
+
+    def step(self):
+        if self.proposal is None:
+            w = self.w
+            g = self.f(w) - w
+        else:
+            w = self.proposal
+            g = self.f(w) - w
+            self._update(w - self.w, g - self.g)
+        self.w, self.g = w, g
+        residual = row_norms(g)
+        better = residual < self.best_residual  # never for NaN
+        self.best_residual = torch.where(better, residual, self.best_residual)
+        self.best_w = torch.where(better[:, None], w, self.best_w)
+        self.proposal = self.keep(w - self._apply(g))
+        return residual, row_norms(w)
+
+    def freeze(self, rows):
+        super().freeze(rows)
+        self.best_w = torch.where(self.frozen[:, None], self.w, self.best_w)
+        self.best_residual = torch.where(self.frozen, -math.inf, self.best_residual)
+
+    def result(self) -> torch.Tensor:
+        return self.best_w
