@@ -1,0 +1,302 @@
+"""``implicit_layers.nn.DEQ``: forward solvers on batches (each sample stops on its own),
+every backward against a dense float64 implicit-function-theorem reference, memory, and the
+Jacobian penalty."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from implicit_layers import (
+    GMRES,
+    Anderson,
+    BiCGSTAB,
+    Broyden,
+    FixedPoint,
+    Neumann,
+    Status,
+)
+from implicit_layers.nn import DEQ, JacobianFree, Phantom, Unrolled
+
+f64 = torch.float64
+
+
+class TanhCell(torch.nn.Module):
+    """``z = tanh(W z + U x + b)`` with ``||W||_2 = rho``."""
+
+    def __init__(self, n: int, m: int, rho: float, seed: int, dtype=f64):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        W = torch.randn(n, n, generator=generator, dtype=f64)
+        self.W = torch.nn.Parameter((rho * W / torch.linalg.matrix_norm(W, 2)).to(dtype))
+        self.U = torch.nn.Parameter(torch.randn(n, m, generator=generator, dtype=f64).to(dtype))
+        self.b = torch.nn.Parameter(0.1 * torch.randn(n, generator=generator, dtype=f64).to(dtype))
+
+    def forward(self, z, x):
+        return torch.tanh(z @ self.W.T + x @ self.U.T + self.b)
+
+
+def newton_fixed_point(cell: TanhCell, x: torch.Tensor) -> torch.Tensor:
+    """``z*`` per sample to machine precision by Newton's method on ``z - cell(z, x)``."""
+    W, U, b = (t.detach() for t in (cell.W, cell.U, cell.b))
+    z = torch.zeros(x.shape[0], W.shape[0], dtype=f64)
+    eye = torch.eye(W.shape[0], dtype=f64)
+    for _ in range(50):
+        pre = z @ W.T + x @ U.T + b
+        residual = z - torch.tanh(pre)
+        jac = eye - (1 - torch.tanh(pre) ** 2)[:, :, None] * W  # per sample, d residual / dz
+        z = z - torch.linalg.solve(jac, residual.unsqueeze(2)).squeeze(2)
+    return z
+
+
+def reference_gradients(cell: TanhCell, x: torch.Tensor, G: torch.Tensor, jacobian_free=False):
+    """``dL/d(W, U, b, x)`` for ``L = <G, z*>`` by the implicit function theorem, densely:
+    ``u_i = (I - J_i)^{-T} g_i`` with ``J_i = diag(1 - z_i^2) W`` (``u = g`` for JFB)."""
+    z = newton_fixed_point(cell, x)
+    W = cell.W.detach()
+    slope = 1 - z**2
+    eye = torch.eye(W.shape[0], dtype=f64)
+    if jacobian_free:
+        u = G.clone()
+    else:
+        systems = (eye - slope[:, :, None] * W).transpose(1, 2)
+        u = torch.linalg.solve(systems, G.unsqueeze(2)).squeeze(2)
+    v = slope * u  # (d cell / d pre-activation)^T u
+    return z, {"W": v.T @ z, "U": v.T @ x, "b": v.sum(0), "x": v @ cell.U.detach()}
+
+
+def problem(rho=0.8, n=6, m=3, batch=4, seed=0):
+    cell = TanhCell(n, m, rho, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, m, generator=generator, dtype=f64).requires_grad_()
+    G = torch.randn(batch, n, generator=generator, dtype=f64)
+    return cell, x, G
+
+
+def make_deq(cell: TanhCell, **options) -> DEQ:
+    """A DEQ on the cell with ``z0 = 0`` of the cell's width (not ``x``'s)."""
+    return DEQ(cell, z_init=lambda x: x.new_zeros(x.shape[0], cell.W.shape[0]), **options)
+
+
+def gradients(deq: DEQ, cell: TanhCell, x: torch.Tensor, G: torch.Tensor):
+    cell.zero_grad()
+    x.grad = None
+    z = deq(x, torch.zeros(x.shape[0], cell.W.shape[0], dtype=f64))
+    (z * G).sum().backward()
+    return z, {"W": cell.W.grad, "U": cell.U.grad, "b": cell.b.grad, "x": x.grad}
+
+
+TIGHT = dict(tol=1e-12, max_iter=500)
+IMPLICIT_BACKWARDS = {
+    "GMRES": GMRES(**TIGHT),
+    "BiCGSTAB": BiCGSTAB(**TIGHT),
+    "Neumann": Neumann(**TIGHT),
+    "Anderson": Anderson(**TIGHT),
+    "Broyden": Broyden(**TIGHT),
+    "FixedPoint": FixedPoint(**TIGHT),
+}
+FORWARD_SOLVERS = {
+    "Anderson": Anderson(**TIGHT),
+    "Broyden": Broyden(**TIGHT),
+    "FixedPoint": FixedPoint(**TIGHT),
+}
+
+
+@pytest.mark.parametrize("backward", IMPLICIT_BACKWARDS, ids=str)
+@pytest.mark.parametrize("solver", FORWARD_SOLVERS, ids=str)
+def test_implicit_gradients_match_the_dense_reference(solver, backward):
+    cell, x, G = problem()
+    deq = make_deq(cell, solver=FORWARD_SOLVERS[solver], backward=IMPLICIT_BACKWARDS[backward])
+    z, got = gradients(deq, cell, x, G)
+    z_ref, expected = reference_gradients(cell, x.detach(), G)
+    torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=1e-10)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-9)
+    assert deq.last_forward.converged and deq.last_backward.converged
+    # the decoy: JFB's gradient is far from the implicit one at this contraction
+    _, decoy = reference_gradients(cell, x.detach(), G, jacobian_free=True)
+    assert (decoy["W"] - expected["W"]).norm() > 1e-2 * expected["W"].norm()
+
+
+def test_fixed_point_type_backwards_judge_and_record_each_sample():
+    cell, x, G = problem(batch=5)
+    deq = make_deq(cell, solver=Anderson(**TIGHT), backward=Anderson(tol=1e-9))
+    gradients(deq, cell, x, G)
+    record = deq.last_backward
+    assert len(record.sample_iterations) == len(record.sample_residuals) == 5
+    assert all(record.sample_converged) and max(record.sample_residuals) <= 1e-9
+
+
+def test_jacobian_free_is_the_one_step_gradient():
+    cell, x, G = problem()
+    deq = make_deq(cell, solver=Anderson(**TIGHT), backward=JacobianFree())
+    _, got = gradients(deq, cell, x, G)
+    _, expected = reference_gradients(cell, x.detach(), G, jacobian_free=True)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-10)
+    assert deq.last_backward is None
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.6])
+def test_phantom_gradients_approach_the_implicit_ones_as_steps_grow(damping):
+    cell, x, G = problem(rho=0.5)
+    _, expected = reference_gradients(cell, x.detach(), G)
+    errors = []
+    for steps in (1, 5, 40):
+        deq = make_deq(
+            cell, solver=Anderson(**TIGHT), backward=Phantom(steps=steps, damping=damping)
+        )
+        _, got = gradients(deq, cell, x, G)
+        errors.append(float((got["W"] - expected["W"]).norm() / expected["W"].norm()))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-8
+
+
+@pytest.mark.parametrize("solver", ["FixedPoint", "Anderson", "Broyden"])
+def test_unrolled_gradients_match_the_implicit_ones_once_converged(solver):
+    cell, x, G = problem()
+    deq = make_deq(cell, solver=FORWARD_SOLVERS[solver], backward=Unrolled())
+    _, got = gradients(deq, cell, x, G)
+    _, expected = reference_gradients(cell, x.detach(), G)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-7, atol=1e-8)
+
+
+def saved_bytes(deq: DEQ, x: torch.Tensor, z0: torch.Tensor) -> int:
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        deq(x, z0)
+    return total
+
+
+def test_implicit_backward_saves_memory_independent_of_the_iterations():
+    cell, x, _ = problem(rho=0.95, n=32, batch=8)
+    z0 = torch.zeros(8, 32, dtype=f64)
+    implicit, unrolled = [], []
+    for iterations in (5, 40):
+        solver = FixedPoint(max_iter=iterations, tol=0.0)
+        implicit.append(saved_bytes(make_deq(cell, solver=solver, on_failure="ignore"), x, z0))
+        deq = make_deq(cell, solver=solver, backward=Unrolled(), on_failure="ignore")
+        unrolled.append(saved_bytes(deq, x, z0))
+    assert implicit[0] == implicit[1]
+    # z*, and references to x and the cell's parameters (no activations of any iteration)
+    inputs = [x, *cell.parameters()]
+    assert implicit[0] == 8 * 32 * 8 + sum(t.numel() * t.element_size() for t in inputs)
+    assert unrolled[1] > 5 * unrolled[0]
+
+
+def test_each_sample_stops_on_its_own_and_its_residual_is_its_own():
+    cell, x, _ = problem(rho=0.9, batch=6)
+    with torch.no_grad():
+        x.mul_(torch.tensor([0.01, 0.1, 1.0, 3.0, 10.0, 30.0], dtype=f64)[:, None])
+    for solver in (FixedPoint(tol=1e-10), Anderson(tol=1e-10), Broyden(tol=1e-10)):
+        deq = make_deq(cell, solver=solver)
+        with torch.no_grad():
+            z = deq(x)
+        record = deq.last_forward
+        assert record.converged and len(set(record.sample_iterations)) > 1
+        true = (cell(z, x) - z).norm(dim=1) / z.norm(dim=1)
+        assert record.sample_residuals == pytest.approx(true.tolist(), rel=1e-6, abs=1e-14)
+        assert max(record.sample_iterations) == record.iterations
+        # a sample alone follows the same iterates as in the batch
+        alone = deq(x[2:3].detach())
+        torch.testing.assert_close(alone, z[2:3], rtol=1e-12, atol=1e-13)
+
+
+@st.composite
+def row_problems(draw):
+    rows = draw(st.integers(1, 5))
+    n = draw(st.integers(1, 12))
+    rho = draw(st.floats(0.1, 0.95))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, n, n, generator=generator, dtype=f64)
+    W = rho * W / torch.linalg.matrix_norm(W, 2)[:, None, None]
+    c = torch.randn(rows, n, generator=generator, dtype=f64)
+    return W, c
+
+
+@settings(max_examples=30, deadline=None)
+@given(row_problems(), st.sampled_from(["FixedPoint", "Anderson", "Broyden"]))
+def test_solvers_on_rows_find_each_rows_fixed_point(rows_problem, name):
+    W, c = rows_problem
+    solver = type(FORWARD_SOLVERS[name])(tol=1e-10, max_iter=1000)
+    z, record = solver.solve(lambda z: torch.tanh((W @ z.unsqueeze(2)).squeeze(2) + c), 0 * c)
+    assert record.status is Status.CONVERGED
+    true = (torch.tanh((W @ z.unsqueeze(2)).squeeze(2) + c) - z).norm(dim=1)
+    assert bool((true <= 1e-10 * z.norm(dim=1) + 1e-300).all())
+
+
+def test_broyden_solves_a_linear_fixed_point_in_at_most_2n_steps():
+    generator = torch.Generator().manual_seed(3)
+    n = 6
+    A = torch.randn(n, n, generator=generator, dtype=f64)
+    A = 0.9 * A / torch.linalg.matrix_norm(A, 2)
+    c = torch.randn(n, generator=generator, dtype=f64)
+    z0 = torch.zeros(n, dtype=f64)
+    z, record = Broyden(tol=1e-11, memory=2 * n + 2).solve(lambda z: A @ z + c, z0)
+    expected = torch.linalg.solve(torch.eye(n, dtype=f64) - A, c)
+    torch.testing.assert_close(z, expected, rtol=1e-9, atol=1e-10)
+    assert record.iterations <= 2 * n + 1
+    # plain iteration needs far more at this contraction
+    _, slow = FixedPoint(tol=1e-11, max_iter=1000).solve(lambda z: A @ z + c, z0)
+    assert slow.iterations > 2 * record.iterations
+
+
+def test_jacobian_penalty_estimates_the_mean_squared_singular_value():
+    cell, x, _ = problem(n=8, batch=3)
+    deq = make_deq(cell)
+    z = newton_fixed_point(cell, x.detach())
+    torch.manual_seed(0)
+    estimate = deq.jacobian_penalty(z, x, samples=4000)
+    slope = 1 - z**2
+    exact = (
+        sum(torch.linalg.matrix_norm(slope[i][:, None] * cell.W.detach()) ** 2 for i in range(3))
+        / z.numel()
+    )
+    assert float(estimate.detach()) == pytest.approx(float(exact), rel=0.05)
+    (grad,) = torch.autograd.grad(estimate, cell.W)
+    assert float(grad.norm()) > 0
+
+
+def test_bad_inputs_are_named():
+    cell, x, _ = problem()
+    with pytest.raises(TypeError, match="`x` must be a torch.Tensor"):
+        make_deq(cell)([1.0, 2.0])
+    with pytest.raises(ValueError, match="`z0` and `x` must share their batch dimension"):
+        make_deq(cell)(x, torch.zeros(3, 6, dtype=f64))
+    with pytest.raises(ValueError, match="the cell's output must have the shape of `z0`"):
+        DEQ(lambda z, x: torch.cat((cell(z, x), z[:, :1]), 1))(x, torch.zeros(4, 6, dtype=f64))
+    with pytest.raises(ValueError, match="`steps` must be"):
+        Phantom(steps=0)
+    with pytest.raises(TypeError, match="`z_init` must be a callable"):
+        DEQ(cell, z_init=3)
+    with pytest.raises(ValueError, match="`samples` must be an int >= 1"):
+        make_deq(cell).jacobian_penalty(x, x, samples=0)
+
+
+def test_module_registers_the_cell_and_trains_with_an_optimizer():
+    cell, x, G = problem()
+    deq = make_deq(cell, solver=Anderson(tol=1e-8))
+    assert {name for name, _ in deq.named_parameters()} == {"cell.W", "cell.U", "cell.b"}
+    optimizer = torch.optim.SGD(deq.parameters(), lr=0.05)
+    losses = []
+    for _ in range(20):
+        z = deq(x.detach())
+        loss = ((z - 0.5) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert math.isfinite(losses[-1])
