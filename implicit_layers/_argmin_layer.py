@@ -58,6 +58,12 @@ class ArgminLayer(ImplicitLayer):
         super().__init__(f, solver, backward, on_failure, warm_start)
 
     def _find(self, f, space, params, w0):
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "argmin_layer cannot run under torch.inference_mode(): its minimizer takes "
+                "gradients of f, which inference mode forbids. Use torch.no_grad() instead."
+            )
+
         def objective(w: torch.Tensor) -> torch.Tensor:
             return _scalar(f(space.unflatten(w), *params))
 

@@ -77,7 +77,7 @@ class ResidualGraph:
             for index, (p, need) in enumerate(zip(self.param_vars, self.needs_grad))
             if need or index >= self.n_substituted
         ]
-        _check_no_foreign_tensors(self.outputs, known, self.space)
+        _check_no_foreign_tensors(self.outputs, known, self.w_vars)
         self._built = True
 
     def _vjp(self, vector: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -153,7 +153,7 @@ class ImplicitOperator(LinearOperator):
 
 
 def _check_no_foreign_tensors(
-    outputs: Sequence[torch.Tensor], known: Sequence[torch.Tensor], space: FlatSpace
+    outputs: Sequence[torch.Tensor], known: Sequence[torch.Tensor], w_vars: Sequence[torch.Tensor]
 ) -> None:
     """Raise if the residual's graph reaches a tensor that requires grad but is not a layer
     input: such a tensor (one the user's function closes over) would silently get no gradient.
@@ -163,7 +163,8 @@ def _check_no_foreign_tensors(
         return
     shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:5])
     hint = ""
-    if any(tuple(t.shape) in set(space.shapes) for t in foreign):
+    w_storage = {w.untyped_storage().data_ptr() for w in w_vars}
+    if any(t.untyped_storage().data_ptr() in w_storage for t in foreign):  # w detached in f
         hint = (
             " If your function takes gradients inside, do not detach w: use torch.enable_grad() "
             "and call w.requires_grad_() only when w does not already require grad."

@@ -8,6 +8,7 @@ module runs the forward with no graph, records it, and differentiates it implici
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from torch import nn
 
 from ._implicit import ImplicitOperator, Residual, ResidualGraph
 from ._linear import LinearSolver, as_linear_solver
-from ._records import ON_FAILURE_CHOICES, OnFailure, SolveRecord, report
+from ._records import ON_FAILURE_CHOICES, OnFailure, SolveRecord, Status, report
 from ._tree import FlatSpace, tree_flatten, tree_unflatten
 
 __all__ = ["ImplicitLayer", "SolveInfo"]
@@ -39,10 +40,11 @@ class ImplicitLayer(nn.Module, abc.ABC):
     ``b = dL/dw*``, solves ``F_w^T x = b`` with ``backward`` from one evaluation of ``F`` with a
     graph, and each param that requires grad receives ``-F_p^T x``. ``layer.last_forward`` and
     ``layer.last_backward`` hold the records of the most recent solves; :meth:`solve` returns a
-    per-call :class:`SolveInfo`. With ``warm_start=True`` each backward solve starts from the
-    previous backward's solution (when its shape matches): in a training loop the system
-    changes slowly, so fewer products are needed (the initial residual costs one). A failed
-    solve warns (``on_failure="warn"``), raises
+    per-call :class:`SolveInfo`. A forward stopped by a NaN/Inf returns NaN (after the
+    ``on_failure`` policy), so the failure reaches the loss. With ``warm_start=True`` each
+    backward solve starts from the previous backward's solution (when its shape matches): in
+    a training loop the system changes slowly, so fewer products are needed (the initial
+    residual costs one). A failed solve warns (``on_failure="warn"``), raises
     ``ConvergenceError`` (``"raise"``) or is only recorded (``"ignore"``).
     """
 
@@ -98,6 +100,7 @@ class ImplicitLayer(nn.Module, abc.ABC):
         space = FlatSpace(w0, self._start_name)
         call = _Call(self, space, params)
         w_star = _ImplicitFunction.apply(call, space.flatten(w0).detach(), *call.tensors)
+        del call.tensors  # the backward reads the saved tensors: keep no other reference
         return space.unflatten(w_star), call.info
 
     def extra_repr(self) -> str:
@@ -123,6 +126,15 @@ class ImplicitLayer(nn.Module, abc.ABC):
     def _rows(self, space: FlatSpace) -> int:
         """How many independent rows ``w`` holds (a batch of samples that never mix)."""
         return 1
+
+
+def poisoned_if_nonfinite(w_star: torch.Tensor, record: SolveRecord) -> torch.Tensor:
+    """All NaN when a NaN/Inf stopped the solve: the point the solver kept is finite, but
+    handing it back (and a gradient taken there) would hide the failure from the loss, from a
+    NaN check and from AMP's GradScaler."""
+    if record.status is Status.NONFINITE:
+        return torch.full_like(w_star, math.nan)
+    return w_star
 
 
 class _Call:
@@ -168,6 +180,7 @@ class _Call:
         w_star, record = self.layer._find(function, self.space, params, w0)
         self.info.forward = self.layer.last_forward = record
         report(record, "forward", self.layer.on_failure)
+        w_star = poisoned_if_nonfinite(w_star, record)
         if w_star.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr():
             w_star = w_star.clone()  # never hand back (a view of) the caller's w0
         return w_star

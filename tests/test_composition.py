@@ -271,12 +271,6 @@ def test_argmin_layer_under_no_grad():
     torch.testing.assert_close(w, target.detach(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="argmin solvers take gradients of f in the forward and torch.enable_grad() cannot "
-    "lift inference_mode: RuntimeError 'element 0 of tensors does not require grad and does not "
-    "have a grad_fn'",
-)
 def test_argmin_layer_under_inference_mode_works_or_says_why_not():
     target = torch.randn(4, dtype=f64, requires_grad=True)
     layer = argmin_layer(lambda w, t: ((w - t) ** 2).sum())
@@ -489,11 +483,6 @@ def test_layer_keeps_no_reference_to_a_call():
             assert held == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Call keeps its `tensors` (the params) and ctx.call keeps the _Call for as long as "
-    "the output lives, so a kept output keeps its inputs after backward, unlike torch's ops",
-)
 def test_kept_output_does_not_keep_its_inputs_after_backward():
     A, lam0, g, _ = affine_problem()
     layer = fixed_point_layer(lambda w, lam: A @ w + lam)
@@ -618,12 +607,6 @@ def test_nonfinite_params_warn_or_raise(bad):
         affine2(on_failure="raise")(torch.zeros(2, dtype=f64), c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="under the default on_failure='warn' the layer returns a finite point (w0 for "
-    "Anderson, the last finite iterate for FixedPoint) and the backward a finite gradient "
-    "computed there: the NaN does not propagate, so loss checks and GradScaler miss it",
-)
 @pytest.mark.parametrize("solver", [Anderson(), FixedPoint()], ids=["Anderson", "FixedPoint"])
 def test_nonfinite_params_propagate_to_the_output(solver):
     c = torch.tensor([1.0, math.nan], dtype=f64, requires_grad=True)
@@ -716,11 +699,6 @@ def test_closed_over_tensor_is_caught_when_no_param_requires_grad():
         w.sum().backward()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the hint 'do not detach w' is added whenever a closed-over tensor has w's shape, "
-    "even when Phi never touches w's graph",
-)
 def test_closure_error_gives_the_detach_hint_only_when_w_was_detached():
     weight = torch.ones(2, dtype=f64, requires_grad=True)  # the shape of w, but not w
     c = C2.clone().requires_grad_()

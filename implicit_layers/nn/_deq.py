@@ -8,6 +8,7 @@ import torch
 
 from .._fixed_point_layer import FixedPointLayer
 from .._forward import Anderson, ForwardSolver, as_forward_solver
+from .._implicit_layer import poisoned_if_nonfinite
 from .._linear import GMRES, LinearSolver
 from .._records import OnFailure, report
 from .._tree import FlatSpace
@@ -138,7 +139,7 @@ class DEQ(FixedPointLayer):
             z, record = self._find(self.cell, space, (x.detach(),), space.flatten(z0))
         self.last_forward, self.last_backward = record, None
         report(record, "forward", self.on_failure)
-        return space.unflatten(z)
+        return space.unflatten(poisoned_if_nonfinite(z, record))
 
     def _phantom(self, z0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         z = self._solve_without_graph(z0, x)
@@ -157,7 +158,7 @@ class DEQ(FixedPointLayer):
             z, record = self._find(self.cell, space, (x,), space.flatten(z0))
         self.last_forward, self.last_backward = record, None
         report(record, "forward", self.on_failure)
-        return space.unflatten(z)
+        return space.unflatten(poisoned_if_nonfinite(z, record))
 
     def jacobian_penalty(self, z: torch.Tensor, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
         """A Hutchinson estimate of ``||J||_F^2 / n`` at ``z`` (Bai et al., 2021), differentiable
