@@ -358,3 +358,17 @@ def test_cg_on_an_indefinite_system_is_reported_by_the_policy():
     assert torch.equal(x, torch.zeros(2))
     with pytest.warns(ConvergenceWarning, match="not positive definite.*GMRES"):
         report(record, "backward", "warn")
+
+
+@pytest.mark.parametrize(
+    "test",
+    [
+        test_cg_is_the_textbook_method,
+        test_cg_stops_at_negative_curvature_with_its_last_iterate,
+        test_preconditioned_cg_is_the_textbook_method,
+    ],
+)
+def test_cg_on_accelerators_takes_the_same_steps(monkeypatch, test):
+    """The one-synchronisation step used on accelerators, run here on the CPU."""
+    monkeypatch.setattr("implicit_layers._linear.cg.read_back_is_free", lambda device: False)
+    test()

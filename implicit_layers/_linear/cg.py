@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -51,6 +52,11 @@ class CG(IterativeLinearSolver):
         return CGState(operator, x, residual, b_norm, self.preconditioner)
 
 
+def read_back_is_free(device: torch.device) -> bool:
+    """On the CPU, reading a scalar back costs no synchronisation."""
+    return device.type == "cpu"
+
+
 class CGState(IterationState):
     """CG's recurrences; :meth:`products` is the one place that touches the operator.
 
@@ -74,6 +80,8 @@ class CGState(IterationState):
 
     def step(self):
         q, direction, curvature = self.products(self.p)
+        if read_back_is_free(self.x.device):
+            return self._step_on_cpu(q, direction, curvature.item())
         # Where p.A p <= 0 the system is not SPD: take no step (alpha = 0) and stop below. The
         # sign is read together with the residual, in the one synchronisation of an iteration.
         alpha = torch.where(curvature <= 0, torch.zeros_like(curvature), self.rz / curvature)
@@ -88,6 +96,26 @@ class CGState(IterationState):
         if curvature <= 0:
             self.stopped = Status.INDEFINITE
         return residual, self.b_norm
+
+    def _step_on_cpu(self, q: torch.Tensor, direction: torch.Tensor, curvature: float):
+        """The same step with the scalars as Python floats: on the CPU a read-back costs
+        nothing, and the kernels of the one-synchronisation form above would."""
+        if curvature <= 0:
+            self.stopped = Status.INDEFINITE
+            return self._residual_value(), self.b_norm
+        alpha = self.rz.item() / curvature
+        self.x.add_(direction, alpha=alpha)
+        self.r.add_(q, alpha=-alpha)
+        z = self._precondition(self.r)
+        rz_new = self.r.dot(z)
+        self.p.mul_(rz_new.item() / self.rz.item()).add_(z)
+        self.rz = rz_new
+        return self._residual_value(), self.b_norm
+
+    def _residual_value(self) -> float:
+        if self.preconditioner is None:
+            return math.sqrt(max(self.rz.item(), 0.0))
+        return self.r.norm().item()
 
     def result(self) -> torch.Tensor:
         return self.x
