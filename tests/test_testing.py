@@ -406,8 +406,8 @@ def test_check_fails_on_a_gradient_one_percent_too_large(problem):
     result = assert_fails_naming_directions(
         wrong, problem.inputs, layers=[layer], condition=problem.condition
     )
-    for row in result.failures:  # the error found is the 1% put in
-        assert row.autograd == pytest.approx(1.01 * row.finite_difference, rel=1e-4)
+    for row in result.failures:  # the error found is the 1% put in, to the check's resolution
+        assert abs(row.autograd - 1.01 * row.finite_difference) <= row.allowed
 
 
 def test_check_is_inconclusive_when_the_forward_is_loose():
