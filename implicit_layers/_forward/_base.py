@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "UserForwardSolver",
     "as_forward_solver",
     "RowState",
+    "BestRowState",
     "row_norms",
     "replace_slot",
 ]
@@ -99,6 +101,32 @@ class RowState(IterationState):
         if self.frozen is None:
             return proposal
         return torch.where(self.frozen[:, None], self.w, proposal)
+
+
+class BestRowState(RowState):
+    """A row iteration whose residual is not monotone: it returns, per row, the iterate of
+    smallest residual seen (a frozen row: its current iterate, the one judged done)."""
+
+    returns_best = True
+
+    def __init__(self, w0: torch.Tensor):
+        super().__init__(w0)
+        self.best_w = w0
+        self.best_residual = w0.new_full((w0.shape[0],), math.inf)
+
+    def track(self, w: torch.Tensor, residual: torch.Tensor) -> None:
+        """Remember ``w``'s rows whose ``residual`` beats their best (never a NaN)."""
+        better = residual < self.best_residual
+        self.best_residual = torch.where(better, residual, self.best_residual)
+        self.best_w = torch.where(better[:, None], w, self.best_w)
+
+    def freeze(self, rows):
+        super().freeze(rows)
+        self.best_w = torch.where(self.frozen[:, None], self.w, self.best_w)
+        self.best_residual = torch.where(self.frozen, -math.inf, self.best_residual)
+
+    def result(self) -> torch.Tensor:
+        return self.best_w
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._options import check_in_interval, check_nonnegative, check_positive_int, options
-from ._base import IterativeForwardSolver, RowState, replace_slot, row_norms
+from ._base import BestRowState, IterativeForwardSolver, replace_slot, row_norms
 
 
 @options
@@ -42,9 +40,7 @@ class Anderson(IterativeForwardSolver):
         return _AndersonState(f, w0, self.memory, self.damping, self.regularization)
 
 
-class _AndersonState(RowState):
-    returns_best = True
-
+class _AndersonState(BestRowState):
     def __init__(self, f, w0, memory, damping, regularization):
         super().__init__(w0)
         self.f, self.damping, self.regularization = f, damping, regularization
@@ -53,8 +49,6 @@ class _AndersonState(RowState):
         self.dG = w0.new_zeros(rows, memory, n)
         self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.filled = 0  # differences stored so far
-        self.best_w = w0
-        self.best_residual = w0.new_full((rows,), math.inf)
 
     def step(self):
         if self.proposal is not None:
@@ -62,9 +56,7 @@ class _AndersonState(RowState):
         w = self.w
         g = self.f(w) - w
         residual = row_norms(g)
-        better = residual < self.best_residual  # never for NaN
-        self.best_residual = torch.where(better, residual, self.best_residual)
-        self.best_w = torch.where(better[:, None], w, self.best_w)
+        self.track(w, residual)
         if self.previous is not None:
             slot = self.filled % self.dW.shape[1]
             self.dW = replace_slot(self.dW, slot, w - self.previous[0])
@@ -85,12 +77,3 @@ class _AndersonState(RowState):
         system = gram + weight[:, None, None] * eye
         gamma = torch.linalg.solve(system, (dG @ g.unsqueeze(2)).double()).to(g.dtype)
         return ((dW + self.damping * dG).transpose(1, 2) @ gamma).squeeze(2)
-
-    def freeze(self, rows):
-        super().freeze(rows)
-        # a frozen row returns its current iterate, the one the loop judged done
-        self.best_w = torch.where(self.frozen[:, None], self.w, self.best_w)
-        self.best_residual = torch.where(self.frozen, -math.inf, self.best_residual)
-
-    def result(self) -> torch.Tensor:
-        return self.best_w

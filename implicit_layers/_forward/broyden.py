@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._options import check_positive_int, options
-from ._base import IterativeForwardSolver, RowState, replace_slot, row_norms
+from ._base import BestRowState, IterativeForwardSolver, replace_slot, row_norms
 
 
 @options
@@ -38,9 +36,7 @@ class Broyden(IterativeForwardSolver):
         return _BroydenState(f, w0, self.memory)
 
 
-class _BroydenState(RowState):
-    returns_best = True
-
+class _BroydenState(BestRowState):
     def __init__(self, f, w0, memory):
         super().__init__(w0)
         rows, n = w0.shape
@@ -49,8 +45,6 @@ class _BroydenState(RowState):
         self.V = w0.new_zeros(rows, memory, n)
         self.updates = 0
         self.g: torch.Tensor | None = None
-        self.best_w = w0
-        self.best_residual = w0.new_full((rows,), math.inf)
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for each row."""
@@ -82,16 +76,6 @@ class _BroydenState(RowState):
             self._update(w - self.w, g - self.g)
         self.w, self.g = w, g
         residual = row_norms(g)
-        better = residual < self.best_residual  # never for NaN
-        self.best_residual = torch.where(better, residual, self.best_residual)
-        self.best_w = torch.where(better[:, None], w, self.best_w)
+        self.track(w, residual)
         self.proposal = self.keep(w - self._apply(g))
         return residual, row_norms(w)
-
-    def freeze(self, rows):
-        super().freeze(rows)
-        self.best_w = torch.where(self.frozen[:, None], self.w, self.best_w)
-        self.best_residual = torch.where(self.frozen, -math.inf, self.best_residual)
-
-    def result(self) -> torch.Tensor:
-        return self.best_w
