@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
+from ._graph import in_functorch_transform
 from ._implicit_layer import ImplicitLayer
 from ._linear import CG, LinearSolver
 from ._minimize import GradientDescent, Minimizer, as_minimizer
 from ._records import OnFailure
-from ._tree import FlatSpace, tree_flatten
+from ._tree import FlatSpace, tree_flatten, tree_unflatten
 
 __all__ = ["argmin_layer", "ArgminLayer", "gradient_residual"]
 
@@ -69,15 +70,21 @@ class ArgminLayer(ImplicitLayer):
 
         return as_minimizer(self.solver, space).solve(objective, w0)
 
-    def _residual(self, space: FlatSpace):
-        return gradient_residual(self.f)
+    def _residual(self, space: FlatSpace, f):
+        return gradient_residual(f)
 
 
 def gradient_residual(f: Callable[..., torch.Tensor]):
     """``F(w, *params) = grad_w f(w, *params)``, with a graph, as a list of leaves."""
 
     def gradient(w, *params):
-        leaves = tree_flatten(w)[0]
+        leaves, spec = tree_flatten(w)
+        if in_functorch_transform():  # autograd.grad cannot reach a transform's tensors
+
+            def loss(leaves: list[torch.Tensor]) -> torch.Tensor:
+                return _scalar(f(tree_unflatten(spec, leaves), *params))
+
+            return list(torch.func.grad(loss)(leaves))
         with torch.enable_grad():
             grads = torch.autograd.grad(
                 _scalar(f(w, *params)), leaves, create_graph=True, allow_unused=True

@@ -76,9 +76,7 @@ class FixedPointLayer(ImplicitLayer):
 
     _identity_minus = True  # F = w - Phi
 
-    def _residual(self, space):
-        phi = self.function
-
+    def _residual(self, space, phi):
         def residual(w, *params):
             return space.check(phi(w, *params), "Phi's output")
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["foreign_leaves"]
+__all__ = ["foreign_leaves", "in_functorch_transform", "under_vmap"]
 
 
 def foreign_leaves(outputs: Sequence[torch.Tensor], known: Sequence[object]) -> list[torch.Tensor]:
@@ -37,3 +37,18 @@ def foreign_leaves(outputs: Sequence[torch.Tensor], known: Sequence[object]) -> 
             continue
         stack.extend(child for child, _ in node.next_functions)
     return foreign
+
+
+def in_functorch_transform() -> bool:
+    """Whether this code runs inside a ``torch.func`` transform (grad, vjp, vmap, ...), where
+    ``requires_grad_()`` is refused and ``torch.autograd.grad`` cannot reach the transform's
+    tensors: there, derivatives must be taken with ``torch.func`` itself."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` (also inside ``jacfwd``, ``jacrev``) is active."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())

@@ -115,6 +115,10 @@ _ADVICE = {
     "`LBFGS` or a larger `lr`.",
     ("forward", Status.NONFINITE): "Check the function for overflow (a step size too large?) "
     "and the initial guess and params for NaN/Inf.",
+    ("forward", Status.INACCURATE): "The minimizer stalled: its line search found no decrease "
+    "along the step it proposed. f must be smooth at its minimum (no ReLU kink: try a smooth "
+    "activation) and deterministic (no new minibatch per call); or raise `tol` to what the "
+    "loss's rounding resolves.",
     ("backward", Status.MAX_ITER): "Increase the backward solver's `max_iter` or `tol`. For a "
     "fixed point use `GMRES` (valid whenever I - J is non-singular): `CG` needs a symmetric "
     "positive definite I - J and `Neumann` a spectral radius of J below 1. For an argmin the "
@@ -135,7 +139,7 @@ def describe_failure(record: SolveRecord, stage: str) -> str:
     where = ""
     if record.status is Status.NONFINITE:
         where = f" at iteration {record.iterations}" if record.iterations else " in its input"
-    kind = "backward" if stage == "hypergradient" else stage  # the same linear system
+    kind = "forward" if stage == "forward" else "backward"  # hypergradient: the same system
     advice = _ADVICE.get((kind, record.status), "")
     return f"{stage} solve {record.summary()}{where}. {advice}".rstrip()
 

@@ -140,7 +140,10 @@ class FlatSpace:
         return tree_unflatten(self.spec, self.unflatten_leaves(vector))
 
     def check(self, tree: Any, what: str) -> list[torch.Tensor]:
-        """Leaves of ``tree``, checked against the template; ``what`` names it in errors."""
+        """Leaves of ``tree``, checked against the template; ``what`` names it in errors.
+
+        Under autocast a floating-point leaf of another dtype is cast to the template's: the
+        autocast region chose that dtype (a bfloat16 matmul), and the iterate keeps ``w0``'s."""
         leaves, spec = tree_flatten(tree)
         if spec != self.spec:
             raise ValueError(
@@ -156,6 +159,8 @@ class FlatSpace:
                     f"{where} must have the shape of `{self.name}`, {tuple(shape)}; "
                     f"got {tuple(leaf.shape)}."
                 )
+            if leaf.dtype != self.dtype and leaf.dtype.is_floating_point and _autocasting(leaf):
+                leaves[index] = leaf = leaf.to(self.dtype)  # autocast chose it, not the user
             if leaf.dtype != self.dtype:
                 raise TypeError(
                     f"{where} must have the dtype of `{self.name}`, {self.dtype}; got {leaf.dtype}."
@@ -166,3 +171,7 @@ class FlatSpace:
                     f"got {leaf.device}."
                 )
         return leaves
+
+
+def _autocasting(tensor: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(tensor.device.type)

@@ -3,9 +3,7 @@
 Sections: torch.func transforms; torch.compile; no_grad and inference_mode; autocast;
 re-entrancy, threads and references; bad input (see ``docs/bad_input.md``).
 
-A test marked ``xfail(strict=True)`` states the behaviour we want and fails today; its reason
-says what happens instead. Fixing the library turns it into an unexpected pass, which fails the
-run until the mark is removed.
+Double backward and nesting are in ``tests/test_double_backward.py``.
 """
 
 from __future__ import annotations
@@ -95,13 +93,6 @@ def model_grads(model: nn.Module, x: torch.Tensor, run=None) -> dict[str, torch.
 
 # --- torch.func ------------------------------------------------------------------------------
 
-SETUP_CONTEXT = (
-    "_ImplicitFunction has no setup_context, so every torch.func transform raises "
-    "'In order to use an autograd.Function with functorch transforms (vmap, grad, jvp, jacrev, "
-    "...), it must override the setup_context staticmethod'"
-)
-
-
 def affine_layer_and_loss():
     A, lam, g, expected = affine_problem()
     layer = fixed_point_layer(lambda w, lam: A @ w + lam, **TIGHT)
@@ -109,86 +100,56 @@ def affine_layer_and_loss():
     return layer, w0, lam, g, expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=SETUP_CONTEXT + "; with setup_context alone, the backward then raises 'not "
-    "differentiable yet' (grad runs it with grad mode on) and requires_grad_() is refused "
-    "inside a transform",
-)
 def test_func_grad_matches_the_implicit_gradient():
     layer, w0, lam, g, expected = affine_layer_and_loss()
     grad = torch.func.grad(lambda lam: layer(w0, lam) @ g)(lam)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=SETUP_CONTEXT)
 def test_func_vjp_matches_the_implicit_gradient():
     layer, w0, lam, g, expected = affine_layer_and_loss()
     w, vjp_fn = torch.func.vjp(lambda lam: layer(w0, lam), lam)
     torch.testing.assert_close(vjp_fn(g)[0], expected, rtol=1e-10, atol=1e-12)
 
 
-def works_or_names_the_transform(run, check, transform: str) -> None:
-    """``run()`` either works (``check`` its result) or raises an error that names the
-    transform and says the implicit layer does not support it."""
-    try:
-        result = run()
-    except (RuntimeError, NotImplementedError) as error:
-        message = str(error)
-        assert transform in message and "implicit layer" in message.lower(), message
-    else:
-        check(result)
-
-
-@pytest.mark.xfail(
-    strict=True, reason=SETUP_CONTEXT + ": the message never mentions the implicit layer"
-)
-def test_vmap_works_or_says_the_layer_does_not_support_it():
+def test_vmap_solves_each_slice():
     layer, w0, lam, g, expected = affine_layer_and_loss()
     lams = torch.stack([lam, 2 * lam])
-
-    def check(batched):
-        torch.testing.assert_close(batched, torch.stack([layer(w0, lam) for lam in lams]))
-
-    works_or_names_the_transform(
-        lambda: torch.func.vmap(lambda lam: layer(w0, lam))(lams), check, "vmap"
-    )
+    batched = torch.func.vmap(lambda lam: layer(w0, lam))(lams)
+    torch.testing.assert_close(batched, torch.stack([layer(w0, lam) for lam in lams]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.func.jvp: " + SETUP_CONTEXT + "; torch.autograd.forward_ad: 'You must "
-    "implement the jvp function for custom autograd.Function to use it with forward mode AD'. "
-    "Neither names the implicit layer",
-)
-def test_forward_mode_works_or_says_the_layer_does_not_support_it():
+def test_jacrev_is_the_implicit_jacobian():
+    layer, w0, lam, _, _ = affine_layer_and_loss()
+    A = layer.phi(torch.eye(5, dtype=f64), torch.zeros(5, 1, dtype=f64))  # Phi(I, 0) = A
+    jacobian = torch.func.jacrev(lambda lam: layer(w0, lam))(lam)
+    expected = torch.linalg.inv(torch.eye(5, dtype=f64) - A)  # dw*/dlam = (I - A)^{-1}
+    torch.testing.assert_close(jacobian, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("api", ["torch.func.jvp", "forward_ad"])
+def test_forward_mode_is_the_implicit_tangent(api):
     import torch.autograd.forward_ad as fwAD
 
-    A, lam, g, _ = affine_problem()
-    layer = fixed_point_layer(lambda w, lam: A @ w + lam, **TIGHT)
-    w0 = torch.zeros(5, dtype=f64)
+    layer, w0, lam, g, _ = affine_layer_and_loss()
+    A = layer.phi(torch.eye(5, dtype=f64), torch.zeros(5, 1, dtype=f64))
     expected = torch.linalg.solve(torch.eye(5, dtype=f64) - A, g)  # dw* = (I - A)^{-1} dlam
-
-    def check(tangent):
-        torch.testing.assert_close(tangent, expected, rtol=1e-10, atol=1e-12)
-
-    works_or_names_the_transform(
-        lambda: torch.func.jvp(lambda lam: layer(w0, lam), (lam,), (g,))[1], check, "jvp"
-    )
-
-    def dual():
+    if api == "torch.func.jvp":
+        tangent = torch.func.jvp(lambda lam: layer(w0, lam), (lam,), (g,))[1]
+    else:
         with fwAD.dual_level():
-            return fwAD.unpack_dual(layer(w0, fwAD.make_dual(lam, g))).tangent
+            tangent = fwAD.unpack_dual(layer(w0, fwAD.make_dual(lam, g))).tangent
+    torch.testing.assert_close(tangent, expected, rtol=1e-10, atol=1e-12)
+    assert layer.last_tangent.converged and layer.last_tangent.method == "GMRES"
 
-    works_or_names_the_transform(dual, check, "forward")
+
+@pytest.mark.parametrize("transform", ["jacfwd", "hessian"])
+def test_vmapped_forward_mode_names_what_to_use_instead(transform):
+    layer, w0, lam, g, _ = affine_layer_and_loss()
+    with pytest.raises(NotImplementedError, match="implicit layers .* jacrev"):
+        getattr(torch.func, transform)(lambda lam: layer(w0, lam) @ g)(lam)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the backward re-evaluates an nn.Module Phi outside functional_call's swap, so the "
-    "module reads its own parameters: RuntimeError 'the layer's function uses 4 tensor(s) that "
-    "require grad but are not inputs of the layer' (the cell's original weights and biases)",
-)
 def test_functional_call_routes_gradients_to_the_given_parameters():
     torch.manual_seed(0)
     layer = FixedPointLayer(Cell(4), **TIGHT)
@@ -315,12 +276,9 @@ def autocast_gradient_error(cell: Cell, w0_dtype: torch.dtype) -> float:
 
 
 def test_autocast_precision_of_the_solves():
-    """Forward: Phi runs under autocast (its matmuls in bfloat16) and the iterate stays in w0's
-    dtype. Backward (called outside the region, as torch recommends): today Phi is re-evaluated
-    without autocast, so its vector-Jacobian products and the linear solve run in float32. The
-    last fact is recorded, not asserted: replaying the forward's autocast state in the backward
-    (one fix for the bfloat16-w0 failure below) would change it, and both are within the
-    tolerance of the gradient tests."""
+    """Phi runs in the forward's autocast region in the forward and again in the backward
+    (called outside the region, as torch recommends), its matmuls in bfloat16; the iterate, the
+    vector-Jacobian products' vectors and the linear solve stay in w0's dtype, float32."""
     torch.manual_seed(0)
     seen = []
 
@@ -337,7 +295,7 @@ def test_autocast_precision_of_the_solves():
     forward, seen[:] = set(seen), []
     z.sum().backward()
     assert forward == {(True, torch.bfloat16, torch.float32)}
-    assert {w_dtype for _, _, w_dtype in seen} == {torch.float32}  # today: (False, f32, f32)
+    assert set(seen) == forward  # the backward replays the forward's region
     assert z.dtype == torch.float32 and cell.W.weight.grad.dtype == torch.float32
     assert layer.last_backward.converged and layer.last_backward.relative_residual <= 1e-6
 
@@ -348,22 +306,11 @@ def test_autocast_gradient_with_phi_returning_w_dtype():
     assert error < BF16_GRAD_RTOL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nn.Linear under autocast returns bfloat16, and the layer rejects it: TypeError "
-    '"Phi\'s output must have the dtype of `w0`, torch.float32; got torch.bfloat16."',
-)
 def test_autocast_gradient_with_a_plain_module_cell():
     torch.manual_seed(0)
     assert autocast_gradient_error(Cell(16, torch.float32), torch.float32) < BF16_GRAD_RTOL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the forward accepts a bfloat16 w0, but the backward re-runs Phi without the "
-    "forward's autocast state: RuntimeError 'mat1 and mat2 must have the same dtype, but got "
-    "BFloat16 and Float'",
-)
 def test_autocast_gradient_with_a_bfloat16_w0():
     torch.manual_seed(0)
     assert autocast_gradient_error(Cell(16, torch.float32), torch.bfloat16) < BF16_GRAD_RTOL
@@ -509,6 +456,28 @@ def test_activation_checkpointing(use_reentrant):
     lam.grad = None
     checkpoint(lambda lam: layer(zero, lam) @ g, lam, use_reentrant=use_reentrant).backward()
     torch.testing.assert_close(lam.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "copy"])
+def test_saved_tensor_hooks_give_the_same_gradients(hooks):
+    """Hooks hand the saved tensors back as new objects (save_on_cpu copies them): the backward
+    must use them in place of the module's parameters, not reject them as foreign tensors."""
+    from torch.autograd.graph import save_on_cpu, saved_tensors_hooks
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(4, 3, dtype=f64)
+    expected = model_grads(model, x)
+    region = (
+        save_on_cpu()
+        if hooks == "save_on_cpu"
+        else saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t)
+    )
+    model.zero_grad()
+    with region:
+        loss = model(x).pow(2).mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
 # --- bad input (docs/bad_input.md) -----------------------------------------------------------
@@ -686,11 +655,6 @@ def test_closed_over_tensor_that_requires_grad_raises_in_backward():
         w.sum().backward()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the closure check runs in the backward, and with no param requiring grad the layer "
-    "has no backward: the output does not require grad and `weight` silently gets no gradient",
-)
 def test_closed_over_tensor_is_caught_when_no_param_requires_grad():
     weight = torch.ones(2, dtype=f64, requires_grad=True)
     layer = fixed_point_layer(lambda w: A2 @ w + weight)
@@ -706,16 +670,3 @@ def test_closure_error_gives_the_detach_hint_only_when_w_was_detached():
     with pytest.raises(RuntimeError, match="not inputs of the layer") as caught:
         w.sum().backward()
     assert "do not detach w" not in str(caught.value)
-
-
-@pytest.mark.parametrize("how", ["autograd.grad", "backward"])
-def test_create_graph_is_refused(how):
-    c = C2.clone().requires_grad_()
-    w = affine2()(torch.zeros(2, dtype=f64), c)
-    with pytest.raises(RuntimeError, match="not differentiable yet"):
-        if how == "backward":
-            with warnings.catch_warnings():  # torch's own note on backward(create_graph=True)
-                warnings.simplefilter("ignore", UserWarning)
-                w.sum().backward(create_graph=True)
-        else:
-            torch.autograd.grad(w.sum(), c, create_graph=True)
