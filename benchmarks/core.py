@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows printed to PATH")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -156,6 +158,7 @@ def main() -> None:
     header = " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     print(header)
     print("-" * len(header))
+    rows = []
     for k in args.ks:
         runs = [
             functools.partial(baseline, problem, w_star, k),
@@ -169,6 +172,15 @@ def main() -> None:
             f"{1e3 * t_argmin:>10.2f} {t_argmin / t_base:>7.3f} "
             f"{e_base:>13.3e} {e_layer:>10.3e} {e_argmin:>11.3e}"
         )
+        rows.append(
+            dict(k=k, baseline_ms=1e3 * t_base, layer_ms=1e3 * t_layer, argmin_ms=1e3 * t_argmin)
+            | dict(baseline_err=e_base, layer_err=e_layer, argmin_err=e_argmin)
+        )
+    if args.json:
+        meta = dict(n=args.n, d=args.d, dtype=args.dtype, repeats=args.repeats)
+        meta |= dict(threads=torch.get_num_threads(), torch=torch.__version__)
+        with open(args.json, "w") as file:
+            json.dump(dict(meta=meta, rows=rows), file, indent=1)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ number of timed repeats, ``--threads`` to pin torch's threads).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.metadata
+import json
 import math
 import statistics
 import time
@@ -62,6 +64,7 @@ except ImportError:  # optional: pip install torchdeq
 
 HIDDEN, INPUT, BATCH, RHO = 256, 64, 64, 0.9
 MAX_ITER = 300
+ROWS: dict[str, list[dict]] = {"forward": [], "backward": [], "memory": []}  # for --json
 f64 = torch.float64
 
 
@@ -379,6 +382,9 @@ def forward_table(problem: Problem, tol: float, repeats: int) -> None:
     print(header)
     print("-" * len(header))
     for label, r in results.items():
+        ROWS["forward"].append(
+            dict(problem=problem.name, tol=tol, contender=label) | dataclasses.asdict(r)
+        )
         print(
             f"{label:44}{r.fwd_evals:>10}{r.bwd_vjps:>10}{r.rel_res:>10.1e}{r.z_err:>10.1e}"
             f"{r.grad_err:>10.1e}{r.fwd_ms:>10.2f}{r.total_ms:>12.2f}"
@@ -418,6 +424,9 @@ def backward_table(problem: Problem, tol: float, repeats: int) -> None:
     print(header)
     print("-" * len(header))
     for label, r in results.items():
+        ROWS["backward"].append(
+            dict(problem=problem.name, tol=tol, contender=label) | dataclasses.asdict(r)
+        )
         print(
             f"{label:34}{r.fwd_evals:>11}{r.bwd_evals:>11}{r.bwd_vjps:>11}{r.grad_err:>11.1e}"
             f"{r.total_ms:>11.2f}{r.saved / 1024:>11.0f}"
@@ -447,6 +456,10 @@ def memory_table(problem: Problem, iterations: list[int]) -> None:
     print(header)
     print("-" * len(header))
     for label, saved in rows.items():
+        for k, size in zip(iterations, saved):
+            ROWS["memory"].append(
+                dict(problem=problem.name, contender=label, iterations=k, saved=size)
+            )
         print(f"{label:34}" + "".join(f"{s / 1024:>10.0f}" for s in saved))
 
 
@@ -457,6 +470,8 @@ def main() -> None:
     parser.add_argument("--tols", type=float, nargs="+", default=None)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--iterations", type=int, nargs="+", default=None, help="memory table")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows printed to PATH")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     problems = [make_problem(conditioning, dtype) for conditioning in ("gaussian", "orthogonal")]
@@ -466,7 +481,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 15)
     tols = args.tols or ([1e-4] if args.quick else [1e-4, 1e-6])
-    iterations = [10, 20] if args.quick else [10, 20, 40, 80]
+    iterations = args.iterations or ([10, 20] if args.quick else [10, 20, 40, 80])
     torch.manual_seed(0)
     version = importlib.metadata.version("torchdeq") if torchdeq is not None else None
     print(
@@ -479,6 +494,11 @@ def main() -> None:
             forward_table(problem, tol, repeats)
             backward_table(problem, tol, repeats)
     memory_table(problems[0], iterations)
+    if args.json:
+        meta = dict(hidden=HIDDEN, input=INPUT, batch=BATCH, dtype=args.dtype, repeats=repeats)
+        meta |= dict(threads=torch.get_num_threads(), torchdeq=version)
+        with open(args.json, "w") as file:
+            json.dump(dict(meta=meta) | ROWS, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ our ``Nystrom`` draws: ``torch.randperm(d, generator=Generator().manual_seed(see
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -100,6 +101,7 @@ else:
         HYPERGRAD_NOTE = "hypergrad"
 
 NYSTROM_SEED = 0
+ROWS: list[dict] = []  # every printed row, for --json
 
 
 # ----------------------------------------------------------------------------- problems
@@ -471,6 +473,11 @@ def run_case(problem: Problem, dtype: torch.dtype, args, summary: dict) -> None:
         for contender, seconds in zip(contenders, times):
             errors[contender.label] = error = relative_error(contender.result, problem.reference)
             summary[(problem.name, name, k, contender.label)] = (error, seconds)
+            ROWS.append(
+                dict(problem=problem.name, dtype=name, k=k, method=contender.label)
+                | dict(products=contender.products, error=error, ms=1e3 * seconds)
+                | dict(lipschitz=problem.lipschitz, rho=rho)
+            )
             print(
                 row(
                     [
@@ -548,6 +555,10 @@ def run_case(problem: Problem, dtype: torch.dtype, args, summary: dict) -> None:
     times = median_times(single, args.repeats, cap=3 if single[1].seconds > SLOW_S else None)
     for contender, seconds in zip(single, times):
         error = relative_error(contender.result, problem.reference)
+        ROWS.append(
+            dict(problem=problem.name, dtype=name, k=None, method=contender.label)
+            | dict(products=contender.products, error=error, ms=1e3 * seconds)
+        )
         print(
             row(
                 ["-", contender.label, contender.products, f"{error:.3e}", f"{1e3 * seconds:.2f}"],
@@ -624,6 +635,7 @@ def main() -> None:
         help="cpu: the thread's CPU time (only meaningful with --threads 1); wall: wall-clock "
         "time; auto (default): cpu with one thread, else wall",
     )
+    parser.add_argument("--json", metavar="PATH", help="also write the rows printed to PATH")
     args = parser.parse_args()
     args.ks = args.ks or ([5, 20] if args.quick else [5, 10, 20, 50])
     args.repeats = args.repeats or (3 if args.quick else 15)
@@ -654,6 +666,12 @@ def main() -> None:
         for dtype in args.dtypes:
             run_case(problem, getattr(torch, dtype), args, summary)
     verdicts(summary, problems, args.dtypes, args.ks)
+    if args.json:
+        meta = dict(threads=torch.get_num_threads(), clock="cpu" if cpu else "wall")
+        meta |= dict(repeats=args.repeats, ks=args.ks, peers=[TORCHOPT_NOTE, HYPERGRAD_NOTE])
+        checks = {" ".join(key): value for key, value in summary.items() if len(key) == 3}
+        with open(args.json, "w") as file:
+            json.dump(dict(meta=meta, rows=ROWS, checks=checks), file, indent=1)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ _spec.loader.exec_module(example)
 
 GRIDS = {"SGD": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "Adam": [1e-3, 3e-3, 1e-2, 3e-2, 0.1]}
 HD_OF = {"SGD": "SGDHD", "Adam": "AdamHD"}
+ROWS: dict[str, list[dict]] = {"baselines": [], "hd": [], "sensitivity": [], "step_times": []}
 PAPER_BETA = {"SGDHD": 1e-3, "AdamHD": 1e-7}
 BETAS = {"SGDHD": [1e-3, 1e-2, 3e-2], "AdamHD": [1e-7, 1e-6, 1e-5, 1e-4]}
 SAFEGUARDS = {  # (label, lr0, options)
@@ -76,6 +78,8 @@ def tuned_baselines(setup: Setup) -> dict[tuple[str, str], tuple[float, float]]:
             cells = "  ".join(f"{lr:g}: {loss:.3g}" for lr, loss in zip(grid, losses))
             loss, lr = min(zip(losses, grid))
             best[model, optimizer] = (lr, loss)
+            for lr_, loss_ in zip(grid, losses):
+                ROWS["baselines"].append(dict(model=model, optimizer=optimizer, lr=lr_, loss=loss_))
             print(f"  {model:<7} {optimizer:<5} {cells}   best lr={lr:g}")
     return best
 
@@ -92,6 +96,10 @@ def hd_against_tuned(setup: Setup, best: dict) -> None:
             for lr0 in example.LR0S:
                 loss, lr, low = final(setup, model, hd, lr0)
                 untuned = final(setup, model, base, lr0)[0]
+                ROWS["hd"].append(
+                    dict(model=model, optimizer=hd, lr0=lr0, loss=loss, final_lr=lr, min_lr=low)
+                    | dict(tuned_lr=tuned_lr, tuned_loss=tuned_loss, untuned_loss=untuned)
+                )
                 print(
                     f"  {model:<7} {hd:<7} {lr0:>6g} {loss:>9.3g} {lr:>10.2e} {low:>10.2e} "
                     f"{tuned_loss:>11.3g} {loss / tuned_loss:>9.2f} {untuned:>16.3g}"
@@ -106,12 +114,20 @@ def sensitivity(setup: Setup, best: dict) -> None:
             for beta in BETAS[hd]:
                 loss, lr, low = final(setup, model, hd, 0.0, hypergrad_lr=beta)
                 mark = "*" if beta == PAPER_BETA[hd] else " "
+                ROWS["sensitivity"].append(
+                    dict(model=model, optimizer=hd, label=f"beta={beta:g}", lr0=0.0, loss=loss)
+                    | dict(final_lr=lr, min_lr=low, paper=beta == PAPER_BETA[hd])
+                )
                 print(
                     f"    beta={beta:<8g}{mark} lr0=0     loss {loss:9.3g}  final lr {lr:10.2e}"
                     f"  min lr {low:10.2e}"
                 )
             for label, lr0, options in SAFEGUARDS[hd]:
                 loss, lr, low = final(setup, model, hd, lr0, **options)
+                ROWS["sensitivity"].append(
+                    dict(model=model, optimizer=hd, label=label, lr0=lr0, loss=loss)
+                    | dict(final_lr=lr, min_lr=low, paper=False)
+                )
                 print(
                     f"    {label:<30} lr0={lr0:<5g} loss {loss:9.3g}  final lr {lr:10.2e}"
                     f"  min lr {low:10.2e}"
@@ -137,6 +153,10 @@ def step_times(data: tuple[torch.Tensor, torch.Tensor], steps: int = 300) -> Non
                 stepping += time.perf_counter() - before
             totals.append((time.perf_counter() - start) / steps)
             in_step.append(stepping / steps)
+        ROWS["step_times"].append(
+            dict(optimizer=name, step_us=statistics.median(in_step) * 1e6)
+            | dict(iteration_us=statistics.median(totals) * 1e6)
+        )
         print(
             f"  {name:<7} step() {statistics.median(in_step) * 1e6:6.0f} us,"
             f" whole iteration {statistics.median(totals) * 1e6:6.0f} us"
@@ -147,6 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=example.EPOCHS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the rows printed to PATH")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in the example
 
@@ -160,6 +181,11 @@ def main() -> None:
     hd_against_tuned(setup, best)
     sensitivity(setup, best)
     step_times(setup.data)
+    if args.json:
+        meta = dict(epochs=setup.epochs, seeds=setup.seeds, batch_size=example.BATCH_SIZE)
+        meta |= dict(hypergrad_lr=example.HYPERGRAD_LR, threads=torch.get_num_threads())
+        with open(args.json, "w") as file:
+            json.dump(dict(meta=meta) | ROWS, file, indent=1)
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

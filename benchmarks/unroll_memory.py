@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import statistics
 import time
 import weakref
@@ -141,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows printed to PATH")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
@@ -159,6 +161,7 @@ def main() -> None:
     header = f"{'problem':22} {'T':>4} {'mode':16} {'kept MiB':>9} {'peak MiB':>9} {'ms':>9}"
     print(header)
     print("-" * len(header))
+    rows = []
     for name, problem in problems.items():
         size = sum(p.numel() * p.element_size() for p in tree_flatten(problem[1])[0])
         print(
@@ -173,10 +176,19 @@ def main() -> None:
                 torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
             seconds = timings(problem, steps, modes, repeats)
             for label in modes:
+                rows.append(
+                    dict(problem=name, steps=steps, mode=label, kept=memories[label].kept)
+                    | dict(peak=memories[label].peak, ms=seconds[label] * 1e3, w_bytes=size)
+                )
                 print(
                     f"{name:22} {steps:4} {label:16} {megabytes(memories[label].kept)} "
                     f"{megabytes(memories[label].peak)} {seconds[label] * 1e3:9.1f}"
                 )
+
+    if args.json:
+        meta = dict(threads=torch.get_num_threads(), torch=torch.__version__, dtype="float32")
+        with open(args.json, "w") as file:
+            json.dump(dict(meta=meta, rows=rows), file, indent=1)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ class AdamHD(HypergradientOptimizer):
     Args:
         params: parameters, or dicts defining parameter groups (every option is per group).
         lr: initial learning rate ``alpha_0 >= 0``; with the additive rule 0 works: it rises.
-        betas, eps, weight_decay: as in ``torch.optim.Adam`` (L2 penalty added to the gradient).
+        betas: as in ``torch.optim.Adam``.
+        eps: as in ``torch.optim.Adam``.
+        weight_decay: as in ``torch.optim.Adam`` (L2 penalty added to the gradient).
         hypergrad_lr: ``beta``. Default 1e-8, the seed's ``adam_hd.py`` default; the paper's
             Adam-HD experiments used 1e-7 (1e-8 for VGG). ``g . d`` grows like the number of
             parameters times ``|g|``, so the right value depends on the model.

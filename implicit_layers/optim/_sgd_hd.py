@@ -29,7 +29,10 @@ class SGDHD(HypergradientOptimizer):
     Args:
         params: parameters, or dicts defining parameter groups (every option is per group).
         lr: initial learning rate ``alpha_0 >= 0``; with the additive rule 0 works: it rises.
-        momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
+        momentum: as in ``torch.optim.SGD``.
+        dampening: as in ``torch.optim.SGD``.
+        weight_decay: as in ``torch.optim.SGD``.
+        nesterov: as in ``torch.optim.SGD``.
         hypergrad_lr: ``beta``. Default 1e-6, the seed's ``sgd_hd.py`` default; the paper's
             SGD-HD and SGDN-HD experiments used 1e-3. The right value scales like
             ``1 / |g|^2``, so it depends on the loss.

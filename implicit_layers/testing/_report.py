@@ -62,14 +62,17 @@ class GradientCheck:
         promoted: whether the check ran on a float64 copy of float32 inputs (or module).
         promotion_failure: why the check could not run in float64, or ``None``.
         eps: the finite-difference step.
-        rtol, atol: the tolerance, ``rtol`` relative to ``gradient_norm``.
+        rtol: the relative tolerance, relative to ``gradient_norm``.
+        atol: the absolute tolerance.
         condition: ``kappa``, the condition number the tolerance assumed.
-        forward_tol, backward_tol: ``tau_f`` and ``tau_b``, the relative accuracies it assumed.
+        forward_tol: ``tau_f``, the relative accuracy of the forward solves it assumed.
+        backward_tol: ``tau_b``, the relative accuracy of the backward solves it assumed.
         value_error: ``delta``, the error it allowed in each re-solved value of ``<v, y>``: the
             model's, or the noise the values showed, if larger.
         gradient_norm: ``||g||``, the norm of the autograd gradient of ``<v, y>``.
         layers: the names of the layers whose records were read.
-        forward, backward: the records of the autograd pass, one per layer.
+        forward: the forward records of the autograd pass, one per layer.
+        backward: the backward records of the autograd pass, one per layer.
 
     >>> from implicit_layers.testing import check_gradients
     >>> layer = fixed_point_layer(lambda w, c: 0.5 * torch.cos(w) + c,
