@@ -17,9 +17,13 @@ batch; we stop each sample once ``||f(z_i) - z_i|| <= tol ||z_i||`` (``atol = 0`
 equal ``tol`` both stop when the slowest sample meets the same relative residual. Backward:
 torchdeq's ``b_tol`` in ``'rel'`` mode judges ``||J^T u + g - u||`` against ``||J^T u + g||``
 (about ``||u||``); ours against ``||g||`` (per sample for the fixed-point solvers, over the
-whole batch for GMRES and Neumann). torchdeq's IFT output is ``f(z*)``, one more (counted)
-evaluation; each library keeps its own solver defaults otherwise (Anderson memory 5 vs 6,
-regularisation relative vs absolute 1e-4; Broyden memory 20 vs ``max_iter``).
+whole batch for GMRES and Neumann). torchdeq's fixed-point and Anderson solvers return ``f`` of
+the iterate they judged (Broyden the iterate) and its IFT output applies ``f`` once more (a
+counted evaluation); ours return ``f`` of the iterate judged (``final_step``, no evaluation
+more). torchdeq iterates every sample until the slowest converges, so the others end far
+below ``tol``; ours stop each sample at ``tol``. Each library keeps its own solver defaults
+otherwise (Anderson memory 5 vs 6, regularisation relative vs absolute 1e-4; Broyden memory 20
+vs ``max_iter``).
 
 Columns:
 

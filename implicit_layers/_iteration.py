@@ -3,7 +3,9 @@
 A method describes one run as an :class:`IterationState`; :func:`iterate` drives it. The residual
 is read back every iteration (one device synchronisation), so a NaN stops the solve where it
 appears and an exact solution stops it before a division by zero. A batch of independent rows
-(the samples of a deep equilibrium model) is judged row by row: each row stops on its own.
+(the samples of a deep equilibrium model) is judged row by row: each row stops on its own. Per
+iteration only the stopping test runs (a comparison per running row, on the values read back);
+the rest of the record (each row's returned residual, the history) is computed once, at the end.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ class IterationState(abc.ABC):
     """One run of an iterative method, on one vector or on a batch of independent rows.
 
     ``step`` makes one iteration and returns ``(residual, scale)``: numbers or 0-d tensors for
-    one vector, 1-D tensors with one entry per row for a batch. ``result`` returns the current
-    iterate, or with ``returns_best`` the one of smallest residual seen (per row). The loop calls
-    ``freeze(rows)`` with a boolean mask of the rows that are done (converged, or NaN/Inf): from
-    then on the state must leave those rows at their current iterate and return it. A method
-    that finds it cannot go on (a breakdown that is not a NaN) sets ``stopped`` to the status
-    to report.
+    one vector, 1-D tensors with one entry per row for a batch (new tensors, which the loop
+    keeps). ``result`` returns the current iterate, or with ``returns_best`` the one of smallest
+    residual seen (per row). The loop calls ``freeze(rows)`` with a boolean mask of the rows
+    that are done (converged, or NaN/Inf): from then on the state must leave those rows at
+    their current iterate and return it (or the point it makes of it, such as a forward
+    solver's final step). A method that finds it cannot go on (a breakdown that is not a NaN)
+    sets ``stopped`` to the status to report.
     """
 
     returns_best: bool = False
@@ -45,19 +48,112 @@ class IterationState(abc.ABC):
         """Keep ``rows`` where they are (a single-vector method stops anyway: nothing to do)."""
 
 
-def _read(pair: tuple[Number, Number]) -> tuple[list[float], list[float]]:
-    """Residuals and scales as Python lists, one entry per row, in one synchronisation."""
-    residual, scale = pair
-    if isinstance(residual, torch.Tensor) and isinstance(scale, torch.Tensor):
-        rows = torch.stack((residual.reshape(-1), scale.reshape(-1).to(residual.dtype))).tolist()
-        return rows[0], rows[1]
-    if isinstance(residual, torch.Tensor):
-        return residual.reshape(-1).tolist(), [_as_float(scale)] * residual.numel()
-    return [float(residual)], [_as_float(scale)]
-
-
 def _as_float(value: Number) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _stop_status(residual: float, scale: float) -> Status:
+    """Why a row that stopped stopped: it converged, or a NaN/Inf appeared."""
+    finite = math.isfinite(residual) and math.isfinite(scale)
+    return Status.CONVERGED if finite else Status.NONFINITE
+
+
+def _relative(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`relative`, entry by entry."""
+    zero_scale = torch.where(residual == 0, 0.0, math.inf)
+    return torch.where(scale > 0, residual / scale, zero_scale)
+
+
+class _Vector:
+    """The judge of one vector: Python floats, one read-back per iteration."""
+
+    per_row = False
+
+    def __init__(self, state: IterationState, tol: float, atol: float):
+        self.state, self.tol, self.atol = state, tol, atol
+        self.final = (math.inf, 1.0)  # (residual, scale) of the iterate returned
+        self.history: list[float] = []
+        self.status: Status | None = None
+
+    def __call__(self, pair: tuple[Number, Number], iteration: int) -> bool:
+        """Judge one iteration's ``(residual, scale)``; True once the vector is done."""
+        residual, scale = pair
+        if isinstance(residual, torch.Tensor) and isinstance(scale, torch.Tensor):
+            residual, scale = torch.stack((residual, scale.to(residual.dtype))).tolist()
+        else:
+            residual, scale = _as_float(residual), _as_float(scale)
+        self.history.append(relative(residual, scale))
+        # not (atol + tol * scale < residual < inf): converged, or a NaN/Inf in either
+        done = not self.atol + self.tol * scale < residual < math.inf
+        # the state keeps the smallest residual when it returns_best (NaN is never smaller)
+        if done or not self.state.returns_best or residual < self.final[0]:
+            self.final = (residual, scale)
+        if done:
+            self.status = _stop_status(residual, scale)
+            self.state.freeze(torch.ones(1, dtype=torch.bool))
+        return done
+
+    def outcome(self) -> tuple[list[tuple[float, float]], list[float], list[int], list]:
+        """Per row: ``(residual, scale)`` returned, iterations, status; and the history."""
+        return [self.final], self.history, [], [self.status]
+
+
+class _Rows:
+    """The judge of a batch of independent rows (1-D residuals and scales, one entry a row).
+
+    Each iteration reads the residuals and scales back (one synchronisation) and compares each
+    running row in Python; the rows that stop are frozen. The residual tensors are kept, and
+    the record's bookkeeping (each row's returned residual, the worst row's history) is done
+    on them once, at the end.
+    """
+
+    per_row = True
+
+    def __init__(self, state: IterationState, tol: float, atol: float, first: int, rows: int):
+        self.state, self.tol, self.atol, self.first = state, tol, atol, first
+        self.residuals: list[torch.Tensor] = []  # per iteration judged, from ``first`` on
+        self.scales: list[torch.Tensor] = []
+        self.running = list(range(rows))
+        self.counts = [first] * rows  # per row: the iteration it stopped at
+        self.statuses: list[Status | None] = [None] * rows
+
+    def __call__(self, pair: tuple[torch.Tensor, torch.Tensor], iteration: int) -> bool:
+        """Judge one iteration's residuals and scales; True once every row is done."""
+        residual, scale = pair
+        self.residuals.append(residual)
+        self.scales.append(scale)
+        residuals, scales = torch.stack((residual, scale)).tolist()
+        tol, atol = self.tol, self.atol
+        done = [r for r in self.running if not atol + tol * scales[r] < residuals[r] < math.inf]
+        if done:
+            for row in done:
+                self.counts[row] = iteration
+                self.statuses[row] = _stop_status(residuals[row], scales[row])
+            self.running = [row for row in self.running if self.statuses[row] is None]
+            rows = torch.zeros(len(self.statuses), dtype=torch.bool)
+            rows[done] = True
+            self.state.freeze(rows)
+        return not self.running
+
+    def outcome(self) -> tuple[list[tuple[float, float]], list[float], list[int], list]:
+        """Per row: ``(residual, scale)`` returned, iterations, status; and the history."""
+        last = self.first + len(self.residuals) - 1
+        for row in self.running:  # judged up to the last iteration
+            self.counts[row] = last
+        RS = torch.stack(self.residuals + self.scales).double().view(2, len(self.residuals), -1)
+        ratios = _relative(*RS)
+        counts = torch.tensor(self.counts, device=RS.device)
+        index = counts - self.first  # the iterate returned: the one a row stopped at, or last
+        if self.state.returns_best:  # a row still running returns its smallest residual
+            running = torch.tensor([s is None for s in self.statuses], device=RS.device)
+            index = torch.where(running, RS[0].argmin(0), index)
+        final = RS.gather(1, index.expand(2, 1, -1))[:, 0].tolist()
+        judged = torch.arange(self.first, last + 1, device=RS.device)[:, None] <= counts
+        # each iteration: a running row's relative residual, a stopped row's returned one
+        entries = torch.where(judged, ratios, ratios.gather(0, index[None]))
+        worst = torch.where(entries.isnan(), math.inf, entries).argmax(1, keepdim=True)
+        history = entries.gather(1, worst)[:, 0].tolist()
+        return list(zip(*final)), history, self.counts, self.statuses
 
 
 def iterate(
@@ -74,64 +170,32 @@ def iterate(
     ``max_iter`` steps; a row that is done is frozen while the others go on.
 
     ``initial`` is the residual and scale before the first step, where it is known for free.
-    The record describes the worst row; with more than one row it also holds each row's
-    iterations, relative residual and convergence.
+    The record describes the worst row; on rows (1-D residuals, even a single row) it also
+    holds each row's iterations, relative residual and convergence.
     """
-    history: list[list[float]] = []  # per iteration: each row's relative residual
-    final: list[tuple[float, float]] = []  # per row: (residual, scale) of the iterate returned
-    counts: list[int] = []  # per row: iterations while it was not done
-    status_rows: list[Status | None] = []
-
-    def judge(pair: tuple[Number, Number], iteration: int) -> None:
-        residuals, scales = _read(pair)
-        if not status_rows:
-            status_rows.extend([None] * len(residuals))
-            final.extend([(math.inf, 1.0)] * len(residuals))
-            counts.extend([0] * len(residuals))
-        entry, newly_done = [], []
-        for row, (residual, scale) in enumerate(zip(residuals, scales)):
-            if status_rows[row] is not None:  # frozen: its iterate no longer changes
-                entry.append(relative(*final[row]))
-                continue
-            counts[row] = iteration
-            entry.append(relative(residual, scale))
-            if not (math.isfinite(residual) and math.isfinite(scale)):
-                status_rows[row] = Status.NONFINITE
-            elif residual == 0 or residual <= atol + tol * scale:
-                status_rows[row] = Status.CONVERGED
-            done = status_rows[row] is not None
-            # the state keeps the smallest residual when it returns_best (NaN is never smaller)
-            if done or not state.returns_best or residual < final[row][0]:
-                final[row] = (residual, scale)
-            if done:
-                newly_done.append(row)
-        history.append(entry)
-        if newly_done:
-            mask = torch.zeros(len(status_rows), dtype=torch.bool)
-            mask[newly_done] = True
-            state.freeze(mask)
-
-    iterations = 0
-    if initial is not None:
-        judge(initial, 0)
-    while (not status_rows or None in status_rows) and iterations < max_iter:
+    iterations, pair = (0, initial) if initial is not None else (1, state.step())
+    residual = pair[0]
+    if isinstance(residual, torch.Tensor) and residual.ndim == 1:
+        judge: _Vector | _Rows = _Rows(state, tol, atol, iterations, len(residual))
+    else:
+        judge = _Vector(state, tol, atol)
+    while not judge(pair, iterations) and state.stopped is None and iterations < max_iter:
         iterations += 1
-        judge(state.step(), iterations)
-        if state.stopped is not None:
-            break
+        pair = state.step()
 
+    final, history, counts, statuses = judge.outcome()
     if state.stopped is not None:
         status = state.stopped
-    elif Status.NONFINITE in status_rows:
+    elif Status.NONFINITE in statuses:
         status = Status.NONFINITE
-    elif None in status_rows:
+    elif None in statuses:
         status = Status.MAX_ITER
     else:
         status = Status.CONVERGED
     ratios = [relative(r, s) for r, s in final]
     worst = max(range(len(final)), key=lambda row: _order(ratios[row]))
     residual, scale = final[worst]
-    batched = len(final) > 1
+    per_row = judge.per_row
     record = SolveRecord(
         method=method,
         iterations=iterations,
@@ -141,10 +205,10 @@ def iterate(
         tol=tol,
         atol=atol,
         status=status,
-        history=tuple(max(entry, key=_order) for entry in history),
-        sample_iterations=tuple(counts) if batched else (),
-        sample_residuals=tuple(ratios) if batched else (),
-        sample_converged=tuple(s is Status.CONVERGED for s in status_rows) if batched else (),
+        history=tuple(history),
+        sample_iterations=tuple(counts) if per_row else (),
+        sample_residuals=tuple(ratios) if per_row else (),
+        sample_converged=tuple(s is Status.CONVERGED for s in statuses) if per_row else (),
     )
     return state.result(), record
 

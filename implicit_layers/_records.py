@@ -44,16 +44,20 @@ class SolveRecord:
         iterations: iterations made (for a user callable: the products or evaluations it made).
         products: operator applications spent: evaluations of Phi in a forward solve, products
             with ``J^T`` (or ``J``) in a backward solve.
-        residual: final absolute residual, ``||Phi(w) - w||`` or ``||b - A x||``.
+        residual: final absolute residual, ``||Phi(w) - w||`` or ``||b - A x||``. A forward
+            solver with ``final_step=True`` (the default) returns ``w + damping (Phi(w) - w)``,
+            one step past the ``w`` judged here (the residual of the returned point is then
+            smaller when Phi contracts, but not measured).
         relative_residual: ``residual`` over its scale, ``||w||`` or ``||b||``.
         tol, atol: the tolerances judged against (``residual <= atol + tol * scale``).
         status: how the solve ended, see :class:`Status`.
         history: the relative residual at every iteration, the initial one first (if measured);
             for a batch, the worst row's.
         sample_iterations, sample_residuals, sample_converged: for a batch of independent rows
-            (a deep equilibrium model's samples), each row's iterations until it stopped, the
-            relative residual of its returned iterate, and whether it converged; empty
-            otherwise. ``residual`` and ``relative_residual`` are then the worst row's.
+            (a deep equilibrium model's samples, even a batch of one), each row's iterations
+            until it stopped, the relative residual of the iterate it settled on, and whether
+            it converged; empty for a single vector. ``residual`` and ``relative_residual``
+            are then the worst row's.
     """
 
     method: str

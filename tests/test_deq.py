@@ -179,6 +179,67 @@ def saved_bytes(deq: DEQ, x: torch.Tensor, z0: torch.Tensor) -> int:
     return total
 
 
+def test_unrolled_fixed_point_saves_what_a_plain_autograd_loop_saves():
+    cell, x, _ = problem(n=16, batch=4)
+    z0 = torch.zeros(4, 16, dtype=f64)
+    solver = FixedPoint(tol=0.0, max_iter=12)
+    deq = make_deq(cell, solver=solver, backward=Unrolled(), on_failure="ignore")
+
+    def loop(x, z):
+        for _ in range(12):
+            z = cell(z, x)
+        return z
+
+    assert saved_bytes(deq, x, z0) == saved_bytes(loop, x, z0)
+    torch.testing.assert_close(deq(x, z0), loop(x, z0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["Anderson", "Broyden"])
+def test_the_history_written_in_place_or_not_gives_the_same_iterates(solver):
+    """Without a graph the histories are written in place; under unrolled differentiation out
+    of place, which autograd needs. Both make the same iteration."""
+    cell, x, _ = problem(batch=5)
+    make = type(FORWARD_SOLVERS[solver])
+    in_place = make_deq(cell, solver=make(tol=1e-9))
+    out_of_place = make_deq(cell, solver=make(tol=1e-9), backward=Unrolled())
+    z = out_of_place(x)
+    assert z.requires_grad
+    torch.testing.assert_close(z.detach(), in_place(x), rtol=0, atol=0)
+    assert out_of_place.last_forward == in_place.last_forward
+
+
+@pytest.mark.parametrize("solver", ["FixedPoint", "Anderson", "Broyden"])
+def test_the_final_step_makes_the_gradient_more_accurate(solver):
+    """At a loose tolerance the forward error dominates the gradient's: returning ``f(w)``
+    rather than ``w`` shrinks ``z``'s error by the contraction factor, and the gradient's."""
+    rho = 0.8
+    cell, x, G = problem(rho=rho, batch=6)
+    z_ref, expected = reference_gradients(cell, x.detach(), G)
+    expected = torch.cat([expected[name].reshape(-1) for name in ("W", "U", "b", "x")])
+    z_errors, grad_errors = [], []
+    for final_step in (False, True):
+        forward = type(FORWARD_SOLVERS[solver])(tol=1e-4, final_step=final_step)
+        deq = make_deq(cell, solver=forward, backward=GMRES(tol=1e-12))
+        z, got = gradients(deq, cell, x, G)
+        got = torch.cat([got[name].reshape(-1) for name in ("W", "U", "b", "x")])
+        z_errors.append(float((z.detach() - z_ref).norm()))
+        grad_errors.append(float((got - expected).norm() / expected.norm()))
+    assert z_errors[1] <= rho * z_errors[0]
+    assert grad_errors[1] < 0.5 * grad_errors[0]
+
+
+def test_a_batch_of_one_has_its_per_sample_fields_and_a_vector_none():
+    cell, x, G = problem(batch=1)
+    deq = make_deq(cell, solver=Anderson(tol=1e-10), backward=Anderson(tol=1e-10))
+    gradients(deq, cell, x, G)
+    for record in (deq.last_forward, deq.last_backward):
+        assert record.sample_iterations == (record.iterations,)
+        assert record.sample_residuals == (record.relative_residual,)
+        assert record.sample_converged == (True,)
+    z, record = Anderson(tol=1e-10).solve(lambda z: cell(z[None], x.detach())[0], x.new_zeros(6))
+    assert record.converged and record.sample_iterations == record.sample_residuals == ()
+
+
 def test_implicit_backward_saves_memory_independent_of_the_iterations():
     cell, x, _ = problem(rho=0.95, n=32, batch=8)
     z0 = torch.zeros(8, 32, dtype=f64)
@@ -199,12 +260,13 @@ def test_each_sample_stops_on_its_own_and_its_residual_is_its_own():
     cell, x, _ = problem(rho=0.9, batch=6)
     with torch.no_grad():
         x.mul_(torch.tensor([0.01, 0.1, 1.0, 3.0, 10.0, 30.0], dtype=f64)[:, None])
-    for solver in (FixedPoint(tol=1e-10), Anderson(tol=1e-10), Broyden(tol=1e-10)):
-        deq = make_deq(cell, solver=solver)
+    for make in (FixedPoint, Anderson, Broyden):
+        deq = make_deq(cell, solver=make(tol=1e-10, final_step=False))
         with torch.no_grad():
             z = deq(x)
         record = deq.last_forward
         assert record.converged and len(set(record.sample_iterations)) > 1
+        # without the final step the record's residual is the returned point's own
         true = (cell(z, x) - z).norm(dim=1) / z.norm(dim=1)
         assert record.sample_residuals == pytest.approx(true.tolist(), rel=1e-6, abs=1e-14)
         assert max(record.sample_iterations) == record.iterations

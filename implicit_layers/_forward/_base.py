@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .._iteration import IterationState, IterativeMethod
+from .._options import options
 from .._records import SolveRecord, measured_record, relative
 from .._tree import FlatSpace
 from .._user_callable import UserCallable
@@ -22,6 +23,7 @@ __all__ = [
     "RowState",
     "BestRowState",
     "row_norms",
+    "step_towards",
     "replace_slot",
 ]
 
@@ -61,11 +63,31 @@ class ForwardSolver(abc.ABC):
     def _run(self, f: _CountingMap, w0: torch.Tensor) -> tuple[torch.Tensor, SolveRecord]: ...
 
 
+@options
 class IterativeForwardSolver(IterativeMethod, ForwardSolver):
     """An iteration that stops once ``||f(w) - w|| <= atol + tol * ||w||`` or after
-    ``max_iter`` evaluations of ``f`` (defaults 100, 1e-6, 0, as for every method). The point
-    returned is one whose residual was measured, never an unchecked extrapolation, and the
-    record's residual is that point's."""
+    ``max_iter`` evaluations of ``f`` (defaults 100, 1e-6, 0, as for every method).
+
+    The iterate ``w`` it settles on (per row) is one whose residual ``g = f(w) - w`` was
+    measured, never an unchecked extrapolation, and the record's residual is ``||g||``. With
+    ``final_step=True`` (default) it returns one more step from ``w``, ``w + damping g``
+    (``f(w)`` undamped), at no cost: ``f(w)`` is known. For a map that contracts with factor
+    ``L``, ``f(w)`` is ``L`` times closer to the fixed point than ``w``, with
+    ``||f(w) - w*|| <= L / (1 - L) ||g||``, and its own residual is at most ``L ||g||``: the
+    record's residual bounds the returned point's. For a map that does not contract at its
+    fixed point (Anderson and Broyden may still find it) the step can lose accuracy:
+    ``final_step=False`` returns ``w``, whose residual is exactly the record's.
+    """
+
+    final_step: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.final_step, bool):
+            raise TypeError(
+                f"{type(self).__name__}: `final_step` must be True or False, got "
+                f"{self.final_step!r}."
+            )
 
     def _run(self, f, w0):
         if w0.ndim == 2:
@@ -74,7 +96,9 @@ class IterativeForwardSolver(IterativeMethod, ForwardSolver):
             self._start(lambda rows: f(rows[0]).unsqueeze(0), w0.unsqueeze(0)),
             products=lambda: f.evaluations,
         )
-        return w[0], record
+        # one vector, run as a row: its record has no per-row fields
+        fields = dict(sample_iterations=(), sample_residuals=(), sample_converged=())
+        return w[0], dataclasses.replace(record, **fields)
 
     @abc.abstractmethod
     def _start(self, f: Map, w0: torch.Tensor) -> IterationState:
@@ -83,18 +107,28 @@ class IterativeForwardSolver(IterativeMethod, ForwardSolver):
 
 
 class RowState(IterationState):
-    """A forward iteration on rows: the rows the loop freezes keep their iterate ``w``."""
+    """A forward iteration on rows. Each step judges an iterate by its residual and
+    :meth:`offer`s the point to return for it (the iterate, or the final step from it); the
+    rows the loop freezes keep their iterate ``w`` and that point."""
 
     def __init__(self, w0: torch.Tensor):
         self.w = w0
         self.proposal: torch.Tensor | None = None  # the next iterate, once a step proposed it
         self.frozen: torch.Tensor | None = None
+        self.offered = w0  # the point offered for the iterate judged last
+        self.chosen = w0  # per row, the point kept to return: the frozen rows'
+
+    def offer(self, point: torch.Tensor, residual: torch.Tensor) -> None:
+        """``point``: what to return for the iterate just judged, of residual norms
+        ``residual``."""
+        self.offered = point
 
     def freeze(self, rows):
         rows = rows.to(self.w.device)
         self.frozen = rows if self.frozen is None else self.frozen | rows
         if self.proposal is not None:
             self.proposal = self.keep(self.proposal)
+        self.chosen = torch.where(rows[:, None], self.offered, self.chosen)
 
     def keep(self, proposal: torch.Tensor) -> torch.Tensor:
         """``proposal`` for the rows still running, the current iterate for the frozen ones."""
@@ -102,41 +136,55 @@ class RowState(IterationState):
             return proposal
         return torch.where(self.frozen[:, None], self.w, proposal)
 
+    def result(self) -> torch.Tensor:
+        if self.frozen is None:
+            return self.offered
+        return torch.where(self.frozen[:, None], self.chosen, self.offered)
+
 
 class BestRowState(RowState):
-    """A row iteration whose residual is not monotone: it returns, per row, the iterate of
-    smallest residual seen (a frozen row: its current iterate, the one judged done)."""
+    """A row iteration whose residual is not monotone: it returns, per row, the point offered
+    for the iterate of smallest residual seen (a frozen row: for the iterate judged done)."""
 
     returns_best = True
 
     def __init__(self, w0: torch.Tensor):
         super().__init__(w0)
-        self.best_w = w0
         self.best_residual = w0.new_full((w0.shape[0],), math.inf)
 
-    def track(self, w: torch.Tensor, residual: torch.Tensor) -> None:
-        """Remember ``w``'s rows whose ``residual`` beats their best (never a NaN)."""
+    def offer(self, point, residual):
+        """Offer ``point``, and keep it for the rows whose ``residual`` beats their best (never
+        a NaN)."""
+        super().offer(point, residual)
         better = residual < self.best_residual
         self.best_residual = torch.where(better, residual, self.best_residual)
-        self.best_w = torch.where(better[:, None], w, self.best_w)
+        self.chosen = torch.where(better[:, None], point, self.chosen)
 
     def freeze(self, rows):
         super().freeze(rows)
-        self.best_w = torch.where(self.frozen[:, None], self.w, self.best_w)
         self.best_residual = torch.where(self.frozen, -math.inf, self.best_residual)
 
     def result(self) -> torch.Tensor:
-        return self.best_w
+        return self.chosen
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(rows, dim=1)
+    """Each row's norm, off the graph: it judges an iteration, it is never differentiated."""
+    return torch.linalg.vector_norm(rows.detach(), dim=1)
+
+
+def step_towards(w: torch.Tensor, fw: torch.Tensor, damping: float) -> torch.Tensor:
+    """The damped fixed-point step ``w + damping (f(w) - w)``: ``f(w)`` itself when undamped."""
+    return fw if damping == 1 else torch.lerp(w, fw, damping)
 
 
 def replace_slot(history: torch.Tensor, slot: int, rows: torch.Tensor) -> torch.Tensor:
-    """``history`` (``(batch, memory, n)``) with ``history[:, slot] = rows``, out of place, so
-    an iteration run under autograd (unrolled differentiation) can be differentiated."""
-    return torch.cat((history[:, :slot], rows.unsqueeze(1), history[:, slot + 1 :]), dim=1)
+    """``history`` (``(batch, memory, n)``) with ``history[:, slot] = rows``: written in place,
+    or out of place while autograd records a graph through them (unrolled differentiation)."""
+    if rows.requires_grad or history.requires_grad:
+        return torch.cat((history[:, :slot], rows.unsqueeze(1), history[:, slot + 1 :]), dim=1)
+    history[:, slot] = rows
+    return history
 
 
 class UserForwardSolver(UserCallable, ForwardSolver):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._options import check_in_interval, check_nonnegative, check_positive_int, options
-from ._base import BestRowState, IterativeForwardSolver, replace_slot, row_norms
+from ._base import BestRowState, IterativeForwardSolver, replace_slot, row_norms, step_towards
 
 
 @options
@@ -17,9 +17,10 @@ class Anderson(IterativeForwardSolver):
     ``gamma = argmin ||g_k - dG gamma||^2 + reg ||gamma||^2`` and moves to
     ``w_{k+1} = w_k + damping g_k - (dW + damping dG) gamma``. The Tikhonov weight is
     ``reg = regularization * ||dG dG^T||_F``, relative to the residuals, so it neither
-    swamps the step early nor vanishes against them late. The iterate with the smallest
-    residual is returned (Anderson's residual is not monotone). One evaluation per iteration;
-    the small solve runs in float64.
+    swamps the step early nor vanishes against them late. Anderson's residual is not
+    monotone: the iterate ``w`` of smallest residual is the one settled on, and the point
+    returned is ``w + damping g`` (``final_step=True``, see :class:`IterativeForwardSolver`)
+    or ``w``. One evaluation per iteration; the small solve runs in float64.
 
     >>> w, record = Anderson(tol=1e-8).solve(lambda w: torch.cos(w), torch.zeros(1))
     >>> round(float(w), 6), record.iterations < 15
@@ -37,43 +38,50 @@ class Anderson(IterativeForwardSolver):
         check_nonnegative(self, "regularization", self.regularization)
 
     def _start(self, f, w0):
-        return _AndersonState(f, w0, self.memory, self.damping, self.regularization)
+        return _AndersonState(
+            f, w0, self.memory, self.damping, self.regularization, self.final_step
+        )
 
 
 class _AndersonState(BestRowState):
-    def __init__(self, f, w0, memory, damping, regularization):
+    def __init__(self, f, w0, memory, damping, regularization, final_step):
         super().__init__(w0)
         self.f, self.damping, self.regularization = f, damping, regularization
+        self.final_step = final_step
         rows, n = w0.shape
-        self.dW = w0.new_zeros(rows, memory, n)
-        self.dG = w0.new_zeros(rows, memory, n)
-        self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dX = w0.new_zeros(rows, memory, n)  # differences of x = w + damping g
+        self.dG = w0.new_zeros(rows, memory, n)  # differences of g = f(w) - w
+        self.eye = torch.eye(memory, dtype=torch.float64, device=w0.device)
+        self.previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, g)
         self.filled = 0  # differences stored so far
 
     def step(self):
         if self.proposal is not None:
             self.w = self.proposal
         w = self.w
-        g = self.f(w) - w
+        fw = self.f(w)
+        g = fw - w
+        x = step_towards(w, fw, self.damping)
         residual = row_norms(g)
-        self.track(w, residual)
+        self.offer(x if self.final_step else w, residual)
         if self.previous is not None:
-            slot = self.filled % self.dW.shape[1]
-            self.dW = replace_slot(self.dW, slot, w - self.previous[0])
+            slot = self.filled % self.dX.shape[1]
+            self.dX = replace_slot(self.dX, slot, x - self.previous[0])
             self.dG = replace_slot(self.dG, slot, g - self.previous[1])
             self.filled += 1
-        self.previous = (w, g)
-        self.proposal = self.keep(w + self.damping * g - self._correction(g))
+        self.previous = (x, g)
+        self.proposal = self.keep(x if self.filled == 0 else self._mixed(x, g))
         return residual, row_norms(w)
 
-    def _correction(self, g: torch.Tensor) -> torch.Tensor:
-        count = min(self.filled, self.dW.shape[1])
-        if count == 0:
-            return torch.zeros_like(g)
-        dG, dW = self.dG[:, :count], self.dW[:, :count]
-        gram = (dG @ dG.transpose(1, 2)).double()
+    def _mixed(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``x - dX^T gamma``, each row's ``gamma`` solving the regularised least squares on
+        ``dG``. Slots not yet filled are zero and get ``gamma = 0``, so the whole (contiguous)
+        history is used. The products with ``g`` and ``gamma`` are row-vector times matrix
+        ones: a batched matrix-vector product is several times slower on the CPU."""
+        gram = (self.dG @ self.dG.transpose(1, 2)).double()
         weight = self.regularization * torch.linalg.matrix_norm(gram) + torch.finfo(gram.dtype).tiny
-        eye = torch.eye(count, dtype=gram.dtype, device=gram.device)
-        system = gram + weight[:, None, None] * eye
-        gamma = torch.linalg.solve(system, (dG @ g.unsqueeze(2)).double()).to(g.dtype)
-        return ((dW + self.damping * dG).transpose(1, 2) @ gamma).squeeze(2)
+        system = gram + weight[:, None, None] * self.eye
+        gamma = torch.linalg.solve(system, (g[:, None] @ self.dG.transpose(1, 2))[:, 0].double())
+        # solve's result is column-major, on which a batched product loops over the rows
+        gamma = gamma.to(g.dtype, memory_format=torch.contiguous_format)
+        return torch.baddbmm(x[:, None], gamma[:, None], self.dX, alpha=-1)[:, 0]

@@ -18,8 +18,9 @@ class Broyden(IterativeForwardSolver):
     ``H <- H + (s - H y) (s^T H) / (s^T H y)`` makes ``H y = s`` with the least change to
     ``s^T H``. ``memory`` rank-one terms are kept, the oldest overwritten first; an update
     whose denominator ``s^T H y`` is negligible against ``||s^T H|| ||y||`` is skipped. The
-    first step is a plain fixed-point step (``H = -I``). One evaluation per iteration; the
-    iterate with the smallest residual is returned, per row on a batch.
+    first step is a plain fixed-point step (``H = -I``). One evaluation per iteration; per
+    row, the iterate ``w`` of smallest residual is settled on, and ``f(w)`` returned
+    (``final_step=True``, see :class:`IterativeForwardSolver`) or ``w``.
 
     >>> w, record = Broyden(tol=1e-8).solve(lambda w: torch.cos(w), torch.zeros(1))
     >>> round(float(w), 6), record.iterations < 15
@@ -33,26 +34,34 @@ class Broyden(IterativeForwardSolver):
         check_positive_int(self, "memory", self.memory)
 
     def _start(self, f, w0):
-        return _BroydenState(f, w0, self.memory)
+        return _BroydenState(f, w0, self.memory, self.final_step)
+
+
+def _low_rank(v: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``-v + B^T (A v)`` for each row (``A``, ``B``: ``(batch, memory, n)``), as row vectors
+    times matrices: a batched matrix-vector product is several times slower on the CPU."""
+    return torch.baddbmm(v[:, None], v[:, None] @ A.transpose(1, 2), B, beta=-1)[:, 0]
 
 
 class _BroydenState(BestRowState):
-    def __init__(self, f, w0, memory):
+    """``U`` and ``V`` hold the rank-one terms as rows."""
+
+    def __init__(self, f, w0, memory, final_step):
         super().__init__(w0)
         rows, n = w0.shape
-        self.f, self.memory = f, memory
+        self.f, self.memory, self.final_step = f, memory, final_step
         self.U = w0.new_zeros(rows, memory, n)  # H = -I + U^T V, row i of U and V a rank-one term
         self.V = w0.new_zeros(rows, memory, n)
         self.updates = 0
         self.g: torch.Tensor | None = None
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v`` for each row."""
-        return -v + (self.U.transpose(1, 2) @ (self.V @ v.unsqueeze(2))).squeeze(2)
+        """``H v = -v + U^T (V v)`` for each row."""
+        return _low_rank(v, self.V, self.U)
 
     def _apply_transposed(self, s: torch.Tensor) -> torch.Tensor:
-        """``s^T H`` for each row, as a column."""
-        return -s + (self.V.transpose(1, 2) @ (self.U @ s.unsqueeze(2))).squeeze(2)
+        """``s^T H = -s^T + (s^T U^T) V`` for each row, as a column."""
+        return _low_rank(s, self.U, self.V)
 
     def _update(self, s: torch.Tensor, y: torch.Tensor) -> None:
         hy, sh = self._apply(y), self._apply_transposed(s)
@@ -67,15 +76,13 @@ class _BroydenState(BestRowState):
         self.updates += 1
 
     def step(self):
-        if self.proposal is None:
-            w = self.w
-            g = self.f(w) - w
-        else:
-            w = self.proposal
-            g = self.f(w) - w
+        w = self.w if self.proposal is None else self.proposal
+        fw = self.f(w)
+        g = fw - w
+        if self.proposal is not None:
             self._update(w - self.w, g - self.g)
         self.w, self.g = w, g
         residual = row_norms(g)
-        self.track(w, residual)
+        self.offer(fw if self.final_step else w, residual)
         self.proposal = self.keep(w - self._apply(g))
         return residual, row_norms(w)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from .._options import check_in_interval, options
-from ._base import IterativeForwardSolver, RowState, row_norms
+from ._base import IterativeForwardSolver, RowState, row_norms, step_towards
 
 
 @options
@@ -14,7 +12,8 @@ class FixedPoint(IterativeForwardSolver):
 
     Converges linearly, by the contraction factor of ``f`` per step, whenever ``f`` is a
     contraction; damping below 1 can rescue a map whose Jacobian has eigenvalues beyond ``-1``.
-    One evaluation of ``f`` per iteration.
+    One evaluation of ``f`` per iteration. It returns the next iterate after the last one
+    judged (``final_step=True``, see :class:`IterativeForwardSolver`), or that one itself.
 
     >>> w, record = FixedPoint(tol=1e-8).solve(lambda w: 0.5 * w + 1, torch.zeros(1))
     >>> round(float(w), 6), record.converged
@@ -28,20 +27,21 @@ class FixedPoint(IterativeForwardSolver):
         check_in_interval(self, "damping", self.damping, 0.0, 1.0)
 
     def _start(self, f, w0):
-        return _FixedPointState(f, w0, self.damping)
+        return _FixedPointState(f, w0, self.damping, self.final_step)
 
 
 class _FixedPointState(RowState):
-    def __init__(self, f, w0, damping):
+    def __init__(self, f, w0, damping, final_step):
         super().__init__(w0)
-        self.f, self.damping = f, damping
+        self.f, self.damping, self.final_step = f, damping, final_step
 
     def step(self):
         if self.proposal is not None:
             self.w = self.proposal
-        residual = self.f(self.w) - self.w
-        self.proposal = self.keep(self.w + self.damping * residual)
-        return row_norms(residual), row_norms(self.w)
-
-    def result(self) -> torch.Tensor:
-        return self.w
+        w = self.w
+        fw = self.f(w)
+        residual = row_norms(fw - w)
+        following = step_towards(w, fw, self.damping)
+        self.offer(following if self.final_step else w, residual)
+        self.proposal = self.keep(following)
+        return residual, row_norms(w)

@@ -1,0 +1,185 @@
+"""The forward solvers' final step, and the loop that judges rows: the point returned against
+the point judged and the record, and the per-row judging against a plain statement of the
+stopping rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from implicit_layers import Anderson, Broyden, FixedPoint, Status
+from implicit_layers._iteration import IterationState, iterate
+from implicit_layers._records import relative
+
+f64 = torch.float64
+SOLVERS = {"FixedPoint": FixedPoint, "Anderson": Anderson, "Broyden": Broyden}
+
+
+def tanh_rows(rows: int, n: int, rho: float, seed: int):
+    """``f(z)_i = tanh(W_i z_i + c_i)`` with ``||W_i||_2 = rho``: each row contracts by ``rho``;
+    the rows' offsets ``c_i`` span four orders of magnitude, so they converge at different
+    steps."""
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, n, n, generator=generator, dtype=f64)
+    W = rho * W / torch.linalg.matrix_norm(W, 2)[:, None, None]
+    c = torch.randn(rows, n, generator=generator, dtype=f64)
+    c = c * torch.logspace(-2, 2, rows, dtype=f64)[:, None]
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh((W @ z.unsqueeze(2)).squeeze(2) + c)
+
+    return f, c
+
+
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(rows, dim=1)
+
+
+@pytest.mark.parametrize(
+    "name, damping", [(name, 1.0) for name in SOLVERS] + [("FixedPoint", 0.5), ("Anderson", 0.5)]
+)
+def test_the_final_step_is_one_step_from_the_point_judged(name, damping):
+    """The same iteration with and without the final step: the point returned is
+    ``w + damping (f(w) - w)`` for the ``w`` judged, whose residual the record holds; on a
+    contraction by ``rho`` that point's own residual is at most ``1 - damping (1 - rho)``
+    times it."""
+    rho = 0.8
+    f, c = tanh_rows(rows=6, n=5, rho=rho, seed=0)
+    options = dict(tol=1e-8) | ({} if damping == 1.0 else dict(damping=damping))
+    z, record = SOLVERS[name](**options).solve(f, 0.1 * c)
+    w, plain = SOLVERS[name](final_step=False, **options).solve(f, 0.1 * c)
+    assert record == plain and record.converged
+    g = f(w) - w
+    torch.testing.assert_close(z, w + damping * g, rtol=1e-14, atol=1e-15)
+    judged = row_norms(g) / row_norms(w)
+    assert record.sample_residuals == pytest.approx(judged.tolist(), rel=1e-12, abs=0)
+    factor = 1 - damping * (1 - rho)
+    assert bool((row_norms(f(z) - z) <= factor * row_norms(g) * (1 + 1e-9) + 1e-15).all())
+    # ... and it is closer to the fixed point than w by that factor
+    z_star, _ = SOLVERS[name](tol=1e-14, max_iter=500).solve(f, 0.1 * c)
+    closer = row_norms(z - z_star) <= factor * row_norms(w - z_star) * (1 + 1e-6) + 1e-15
+    assert bool(closer.all())
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_each_row_takes_the_iterations_it_takes_alone(name):
+    f, c = tanh_rows(rows=5, n=4, rho=0.9, seed=1)
+    solver = SOLVERS[name](tol=1e-10)
+    z, record = solver.solve(f, 0 * c)
+    assert record.converged and len(set(record.sample_iterations)) > 1
+    for row in range(5):
+
+        def alone(rows: torch.Tensor, row: int = row) -> torch.Tensor:
+            padded = torch.zeros_like(c)
+            padded[row] = rows[0]
+            return f(padded)[row : row + 1]
+
+        z_row, record_row = solver.solve(alone, 0 * c[row : row + 1])
+        assert record_row.iterations == record.sample_iterations[row]
+        assert record_row.sample_residuals[0] == pytest.approx(record.sample_residuals[row])
+        torch.testing.assert_close(z_row[0], z[row], rtol=1e-13, atol=1e-14)
+
+
+def test_final_step_must_be_a_bool():
+    with pytest.raises(TypeError, match="`final_step` must be True or False"):
+        Anderson(final_step=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The judging of rows against the rule written out row by row, iteration by iteration
+
+
+class Scripted(IterationState):
+    """Steps that return scripted residuals and scales (one row of ``R``, ``S`` a step), and
+    remember which rows were frozen when."""
+
+    def __init__(self, R: torch.Tensor, S: torch.Tensor, returns_best: bool):
+        self.R, self.S, self.returns_best = R, S, returns_best
+        self.steps, self.frozen = 0, []
+
+    def step(self):
+        self.steps += 1
+        return self.R[self.steps - 1].clone(), self.S[self.steps - 1].clone()
+
+    def freeze(self, rows):
+        self.frozen.append((self.steps, rows.nonzero()[:, 0].tolist()))
+
+    def result(self):
+        return torch.zeros(1)
+
+
+def judged_row_by_row(R, S, tol, atol, returns_best, max_iter):
+    """The stopping rule and the record's per-row fields, in plain Python."""
+    R, S = R.tolist(), S.tolist()
+    rows = len(R[0])
+    statuses, final, counts = [None] * rows, [(math.inf, 1.0)] * rows, [0] * rows
+    history, frozen, iterations = [], [], 0
+    while None in statuses and iterations < max_iter:
+        iterations += 1
+        entry, done = [], []
+        for row in range(rows):
+            if statuses[row] is not None:
+                entry.append(relative(*final[row]))
+                continue
+            counts[row] = iterations
+            r, s = R[iterations - 1][row], S[iterations - 1][row]
+            entry.append(relative(r, s))
+            if not (math.isfinite(r) and math.isfinite(s)):
+                statuses[row] = Status.NONFINITE
+            elif r == 0 or r <= atol + tol * s:
+                statuses[row] = Status.CONVERGED
+            if statuses[row] is not None or not returns_best or r < final[row][0]:
+                final[row] = (r, s)
+            if statuses[row] is not None:
+                done.append(row)
+        history.append(max(entry, key=lambda v: math.inf if math.isnan(v) else v))
+        if done:
+            frozen.append((iterations, done))
+    return dict(
+        iterations=iterations,
+        history=history,
+        sample_iterations=counts,
+        sample_residuals=[relative(*pair) for pair in final],
+        sample_converged=[s is Status.CONVERGED for s in statuses],
+        frozen=frozen,
+    )
+
+
+VALUES = [0.0, 1e-9, 3e-7, 1e-6, 2e-6, 0.1, 0.5, 0.5, 1.0, 2.0, math.nan, math.inf]
+SCALES = [1.0, 1.0, 1.0, 2.0, 0.5, 0.0, math.inf, math.nan]
+
+
+@st.composite
+def scripts(draw):
+    steps, rows = draw(st.integers(1, 8)), draw(st.integers(1, 5))
+    R = draw(st.lists(st.sampled_from(VALUES), min_size=steps * rows, max_size=steps * rows))
+    S = draw(st.lists(st.sampled_from(SCALES), min_size=steps * rows, max_size=steps * rows))
+    shape = (steps, rows)
+    return torch.tensor(R, dtype=f64).view(shape), torch.tensor(S, dtype=f64).view(shape)
+
+
+def same(a: list[float], b: list[float]) -> bool:
+    """Equal entry by entry, NaN equal to NaN."""
+    return len(a) == len(b) and all(x == y or math.isnan(x) and math.isnan(y) for x, y in zip(a, b))
+
+
+@settings(max_examples=200, deadline=None)
+@given(scripts(), st.booleans(), st.sampled_from([(1e-6, 0.0), (0.0, 1e-6), (0.0, 0.0)]))
+def test_rows_are_judged_as_the_rule_says_row_by_row(script, returns_best, tolerances):
+    R, S = script
+    tol, atol = tolerances
+    state = Scripted(R, S, returns_best)
+    _, record = iterate(
+        state, method="m", max_iter=len(R), tol=tol, atol=atol, products=lambda: state.steps
+    )
+    expected = judged_row_by_row(R, S, tol, atol, returns_best, len(R))
+    assert record.iterations == expected["iterations"] == state.steps
+    assert same(list(record.history), expected["history"])
+    assert list(record.sample_iterations) == expected["sample_iterations"]
+    assert same(list(record.sample_residuals), expected["sample_residuals"])
+    assert list(record.sample_converged) == expected["sample_converged"]
+    assert state.frozen == expected["frozen"]
