@@ -23,11 +23,12 @@ a shared machine's load disturbs least), and the ratio to torchopt's ``solve_cg`
 ``torchopt.diff.implicit.custom_root``) and to hypergrad's ``conjugate_gradient`` at the same k.
 
 Ours: ``CG``, ``GMRES(restart=k)``, ``NormalCG`` (two products per iteration, so ``k // 2``
-iterations), ``Neumann(step=1/L)`` with ``L`` from a power iteration computed once outside the
-timing, ``Nystrom(rank=k, rho, seed=0)`` (``k`` columns plus one product to measure the
-residual), ``StochasticAID(steps=k)`` with SGD at ``lr = 1/L`` (the loss is deterministic
-here, so it is the Neumann iteration rebuilt from a fresh graph every step); k-independent:
-``FiniteDifference(step=1/L)`` and ``Direct``.
+iterations), ``Neumann(step=1/L)`` (the series up to the k-th power, as hypergrad's) with ``L``
+from a power iteration computed once outside the timing, ``Nystrom(rank=k, rho, seed=0)`` (``k``
+columns in one vectorised backward pass, plus one product to measure the residual),
+``StochasticAID(steps=k)`` with SGD at ``lr = 1/L`` (the loss is deterministic here, so it is
+the Neumann series one term short, rebuilt from a fresh graph every step); k-independent:
+``FiniteDifference(step=1/L)`` and ``Direct`` (its ``n`` columns in one vectorised pass).
 
 Peers, where they import (a missing one is skipped with a note): torchopt 0.7.3
 (``custom_root`` + ``linear_solve.solve_cg(maxiter=k, rtol=0, atol=0)``, which spends one

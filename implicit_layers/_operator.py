@@ -1,8 +1,9 @@
 """Linear operators: what a linear solver needs to know about ``A`` in ``A x = b``.
 
-Iterative solvers only call ``mv`` (``A v``); ``NormalCG`` also calls ``rmv`` (``A^T v``) and
-``Direct`` calls ``as_matrix``. Every application goes through :class:`CountingOperator`, so each
-solve reports exactly how many products it spent.
+Iterative solvers only call ``mv`` (``A v``); ``NormalCG`` also calls ``rmv`` (``A^T v``),
+``Nystrom`` calls ``mm`` (``A V`` for a few columns) and ``Direct`` calls ``as_matrix``. Every
+application goes through :class:`CountingOperator`, so each solve reports exactly how many
+products it spent (``A V`` counts one per column).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ __all__ = ["LinearOperator", "MatrixOperator", "FunctionOperator", "as_operator"
 class LinearOperator:
     """An ``n x n`` linear map on flat vectors.
 
-    Subclasses implement :meth:`mv` and, where they can, :meth:`rmv`. :meth:`as_matrix` builds the
-    dense matrix from ``n`` products with the unit vectors unless a subclass knows it already.
+    Subclasses implement :meth:`mv` and, where they can, :meth:`rmv`. :meth:`mm` applies ``A``
+    to the columns of a matrix one by one unless a subclass can do them at once;
+    :meth:`as_matrix` is ``mm`` of the identity unless a subclass knows the matrix already.
     ``rows > 1`` says the map is block-diagonal over that many equal blocks of the vector (the
     samples of a batch do not mix), so a solver may judge each block on its own.
     """
@@ -37,9 +39,12 @@ class LinearOperator:
             "equations need one. Pass a MatrixOperator or a FunctionOperator with `rmv`."
         )
 
+    def mm(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``A V`` for an ``n x m`` matrix ``V``: ``m`` products."""
+        return torch.stack([self.mv(column) for column in matrix.T], dim=1)
+
     def as_matrix(self) -> torch.Tensor:
-        eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-        return torch.stack([self.mv(column) for column in eye], dim=1)
+        return self.mm(torch.eye(self.size, dtype=self.dtype, device=self.device))
 
 
 class MatrixOperator(LinearOperator):
@@ -60,6 +65,9 @@ class MatrixOperator(LinearOperator):
 
     def mv(self, vector: torch.Tensor) -> torch.Tensor:
         return self.matrix @ vector
+
+    def mm(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ matrix
 
     def rmv(self, vector: torch.Tensor) -> torch.Tensor:
         return self.matrix.T @ vector
@@ -98,7 +106,8 @@ class FunctionOperator(LinearOperator):
 
 
 class CountingOperator(LinearOperator):
-    """Wraps an operator and counts its products (``mv`` and ``rmv`` alike)."""
+    """Wraps an operator and counts its products (``mv`` and ``rmv`` alike, ``mm`` one per
+    column)."""
 
     def __init__(self, inner: LinearOperator):
         self.inner = inner
@@ -109,6 +118,10 @@ class CountingOperator(LinearOperator):
     def mv(self, vector: torch.Tensor) -> torch.Tensor:
         self.products += 1
         return self.inner.mv(vector)
+
+    def mm(self, matrix: torch.Tensor) -> torch.Tensor:
+        self.products += matrix.shape[1]
+        return self.inner.mm(matrix)
 
     def rmv(self, vector: torch.Tensor) -> torch.Tensor:
         self.products += 1

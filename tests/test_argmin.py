@@ -11,6 +11,7 @@ from implicit_layers import (
     CG,
     GMRES,
     LBFGS,
+    ConvergenceError,
     Direct,
     FixedPoint,
     GradientDescent,
@@ -250,3 +251,48 @@ def test_backward_warm_start_saves_products_and_keeps_the_gradient():
     assert sum(products[True][1:]) < sum(products[False][1:])
     for cold, warm in zip(grads[False], grads[True]):
         assert torch.allclose(cold, warm, rtol=1e-7, atol=1e-12)
+
+
+def disagreeing_loss(w, target):
+    """A loss whose value has a term its gradient lacks, as when values and gradients disagree
+    (a new minibatch per call): from ``w = 1`` every step along ``-grad`` raises the value."""
+    return ((w - target) ** 2).sum() + 10 * (w.detach() - 1).abs().sum()
+
+
+def test_lbfgs_stalled_line_search_is_a_failure_not_convergence():
+    # The line search finds no decrease, so w never moves though the gradient is -4 per entry:
+    # a zero step, formerly judged converged.
+    target = torch.full((2,), 3.0, dtype=f64)
+    w, record = LBFGS().solve(lambda w: disagreeing_loss(w, target), torch.ones(2, dtype=f64))
+    assert torch.equal(w, torch.ones(2, dtype=f64))
+    assert record.status is Status.INACCURATE and record.failed
+    assert record.iterations == 1  # a stall is final: the next step would not move either
+    assert record.residual == pytest.approx(4 * 2**0.5)  # the step proposed, lr ||d||, d = -g
+    layer = argmin_layer(disagreeing_loss, solver=LBFGS(), on_failure="raise")
+    with pytest.raises(ConvergenceError, match="forward solve LBFGS: did not converge.*stalled"):
+        layer(torch.ones(2, dtype=f64), target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_lbfgs_that_cannot_move_within_the_tolerance_or_the_loss_rounding_has_converged(dtype):
+    def f(w):
+        return ((w - 3) ** 2).sum() + w.prod() ** 2
+
+    # tol=1e-12 is below what a line search on f resolves: at that floor the step proposed
+    # promises a decrease within f's rounding, so the zero step is convergence (residual 0)
+    w, record = LBFGS(tol=1e-12).solve(f, torch.zeros(2, dtype=dtype))
+    assert record.converged and record.residual == 0
+    assert torch.allclose(w, torch.full_like(w, 1.2134116612), rtol=1e-6)
+    # at the minimum torch makes no direction at all (a zero gradient)
+    _, record = LBFGS(tol=0.0).solve(lambda w: ((w - 3) ** 2).sum(), w.new_full((2,), 3.0))
+    assert record.converged and record.iterations == 1 and record.residual == 0
+
+
+def test_lbfgs_stalled_at_a_kink_is_a_failure():
+    # |w|-like with a kink at its minimum 0: L-BFGS's last step is refused there, though the
+    # decrease it promises is far above the loss's rounding
+    def f(w):
+        return (torch.relu(w) - 0.5 * w + 0.5 * torch.relu(-w)).sum()
+
+    _, record = LBFGS(tol=1e-12).solve(f, torch.ones(1, dtype=f64))
+    assert record.status is Status.INACCURATE

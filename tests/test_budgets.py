@@ -13,10 +13,14 @@ from implicit_layers import (
     BiCGSTAB,
     Direct,
     FixedPoint,
+    FunctionOperator,
+    MatrixOperator,
     Neumann,
     NormalCG,
+    Nystrom,
     fixed_point_layer,
 )
+from implicit_layers._operator import CountingOperator
 
 
 class Counter(torch.autograd.Function):
@@ -94,8 +98,26 @@ def test_textbook_product_counts(make, vjps_per_iteration, jvps_per_iteration, k
 
 
 def test_direct_builds_the_matrix_with_one_product_per_column():
+    # the 9 products are taken in one backward pass, vectorised over the unit vectors
     vjps, jvps, evaluations, record = backward_counts(Direct(), 0, x_dim=9)
-    assert (vjps, jvps, evaluations, record.products) == (9, 0, 1, 9)
+    assert (vjps, jvps, evaluations, record.products) == (1, 0, 1, 9)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 12])
+def test_nystrom_takes_its_columns_in_one_pass_and_counts_each(rank):
+    vjps, jvps, evaluations, record = backward_counts(Nystrom(rank=rank), 0)
+    # the rank columns in one vectorised pass, then one product for the residual
+    assert (vjps, jvps, evaluations, record.products) == (2, 0, 1, rank + 1)
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+def test_a_product_with_m_columns_counts_m(columns):
+    A, _ = symmetric_problem(6)
+    V = torch.randn(6, columns, dtype=torch.float64)
+    for operator in (MatrixOperator(A), FunctionOperator(lambda v: A @ v, size=6, dtype=A.dtype)):
+        counted = CountingOperator(operator)
+        assert torch.allclose(counted.mm(V), A @ V)
+        assert counted.products == columns
 
 
 def test_initial_guess_costs_one_product():

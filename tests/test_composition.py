@@ -93,6 +93,7 @@ def model_grads(model: nn.Module, x: torch.Tensor, run=None) -> dict[str, torch.
 
 # --- torch.func ------------------------------------------------------------------------------
 
+
 def affine_layer_and_loss():
     A, lam, g, expected = affine_problem()
     layer = fixed_point_layer(lambda w, lam: A @ w + lam, **TIGHT)

@@ -21,6 +21,9 @@ from implicit_layers import (
     argmin_layer,
     hypergradient,
 )
+from implicit_layers._implicit import ImplicitOperator, ResidualGraph
+from implicit_layers._operator import CountingOperator
+from implicit_layers._tree import FlatSpace
 
 f64 = torch.float64
 
@@ -208,3 +211,28 @@ def test_hypergradient_method_options_are_checked():
         FiniteDifference(radius=0.0)
     with pytest.raises(ValueError, match="`steps` must be a positive integer"):
         StochasticAID(steps=0)
+
+
+@pytest.mark.parametrize("identity_minus", [False, True], ids=["argmin", "fixed point"])
+def test_a_batched_product_is_the_dense_transposed_jacobian_times_the_columns(identity_minus):
+    """``ImplicitOperator.mm``: ``F_w^T V`` in one vectorised backward pass, on a pytree ``w``,
+    for ``F = G`` (argmin) and ``F = w - G`` (fixed point); ``m`` columns count ``m``."""
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=generator, dtype=f64)
+    lam = torch.randn(5, generator=generator, dtype=f64)
+
+    def residual(w, lam):  # G as the leaves of w = {"a": (2,), "b": (3,)}
+        g = torch.tanh(A @ torch.cat([w["a"], w["b"]])) * lam
+        return [g[:2], g[2:]]
+
+    space = FlatSpace({"a": torch.zeros(2, dtype=f64), "b": torch.zeros(3, dtype=f64)})
+    w = torch.randn(5, generator=generator, dtype=f64)
+    graph = ResidualGraph(residual, space, tuple, w, [lam], [True], 1, identity_minus)
+    operator = CountingOperator(ImplicitOperator(graph))
+    V = torch.randn(5, 4, generator=generator, dtype=f64)
+    batched = operator.mm(V)
+    J = torch.func.jacrev(lambda v: torch.cat(residual(space.unflatten(v), lam)))(w)
+    F_w = torch.eye(5, dtype=f64) - J if identity_minus else J
+    assert torch.allclose(batched, F_w.T @ V, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(batched, torch.stack([operator.mv(v) for v in V.T], dim=1))
+    assert operator.products == 4 + 4

@@ -149,14 +149,41 @@ def test_restarted_gmres_residual_is_monotone_and_true(system, restart):
 @settings(max_examples=30, deadline=None)
 @given(contractive_systems(), st.integers(1, 20))
 def test_neumann_is_the_truncated_series(system, k):
+    """``k`` products give ``sum_{i=0}^{k} (I - A)^i b``, the series up to the k-th power, with
+    the powers taken densely; the residual recorded is that of the sum up to the (k-1)-th."""
     A, b = system
     J_T = torch.eye(b.numel(), dtype=f64) - A
     x, record = Neumann(max_iter=k, tol=0.0).solve(A, b)
-    series, term = torch.zeros_like(b), b
-    for _ in range(record.iterations):
-        series, term = series + term, J_T @ term
-    assert torch.allclose(x, series, rtol=1e-10, atol=1e-12)
-    assert record.residual == pytest.approx(float((b - A @ x).norm()), rel=1e-6, abs=1e-12)
+    powers = [torch.linalg.matrix_power(J_T, i) for i in range(k + 1)]
+    assert record.products == record.iterations == k
+    assert torch.allclose(x, sum(powers) @ b, rtol=1e-10, atol=1e-12)
+    before_last = sum(powers[:-1]) @ b
+    assert record.residual == pytest.approx(float((b - A @ before_last).norm()), rel=1e-6)
+    # here ||I - A|| < 1: the recorded residual bounds the returned x's (up to rounding)
+    assert float((b - A @ x).norm()) <= record.residual + 1e-13 * float(b.norm())
+
+
+@settings(max_examples=30, deadline=None)
+@given(spd_systems(), st.integers(1, 20))
+def test_neumann_with_a_step_is_the_series_of_the_scaled_system(system, k):
+    """On an SPD ``A`` with ``step = 1 / ||A||``: ``step sum_{i=0}^{k} (I - step A)^i b``."""
+    A, b = system
+    step = 1 / float(torch.linalg.matrix_norm(A, 2))
+    x, record = Neumann(step=step, max_iter=k, tol=0.0).solve(A, b)
+    M = torch.eye(b.numel(), dtype=f64) - step * A
+    series = step * sum(torch.linalg.matrix_power(M, i) for i in range(k + 1)) @ b
+    assert record.products == k
+    assert torch.allclose(x, series, rtol=1e-10, atol=1e-12 * float(b.norm()))
+
+
+def test_neumann_counts_the_warm_start_residual_and_sums_from_it():
+    A = torch.tensor([[1.0, 0.2], [0.1, 0.8]], dtype=f64)
+    b, x0 = torch.tensor([1.0, -2.0], dtype=f64), torch.tensor([0.5, 0.5], dtype=f64)
+    x, record = Neumann(max_iter=3, tol=0.0).solve(A, b, x0)
+    J_T = torch.eye(2, dtype=f64) - A
+    series = sum(torch.linalg.matrix_power(J_T, i) for i in range(4)) @ (b - A @ x0)
+    assert record.products == 4
+    assert torch.allclose(x, x0 + series, rtol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)

@@ -15,9 +15,11 @@ from ._base import LinearSolver
 class Direct(LinearSolver):
     """Builds the dense matrix of ``A`` and solves with ``torch.linalg.solve`` (LU).
 
-    In a layer's backward the matrix costs ``n`` products (one per unit vector) and the solve
-    ``O(n^3)``: use it for small problems and as a reference. The achieved residual is judged
-    against ``atol + tol * ||b||``; a singular matrix raises ``torch.linalg.LinAlgError``.
+    In a layer's backward the matrix costs ``n`` products (one per unit vector, all in one
+    backward pass vectorised by ``torch.func.vmap``, which holds ``n`` copies of the
+    intermediate tensors of one product) and the solve ``O(n^3)``: use it for small problems
+    and as a reference. The achieved residual is judged against ``atol + tol * ||b||``; a
+    singular matrix raises ``torch.linalg.LinAlgError``.
 
     >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0]]); b = torch.tensor([1.0, 3.0])
     >>> x, record = Direct().solve(A, b)

@@ -20,7 +20,8 @@ class Nystrom(LinearSolver):
     ``rank`` columns ``C = A[:, K]`` at random indices ``K`` give ``A ~ C W^+ C^T`` with
     ``W = A[K, K]``; with the shift ``rho`` the Woodbury identity solves
     ``(C W^+ C^T + rho I) x = b`` as ``x = (b - C (rho W + C^T C)^{-1} C^T b) / rho``.
-    The columns cost ``rank`` products, the rest ``O(n rank^2)``. A larger ``rank`` captures
+    The columns cost ``rank`` products, taken together (in a layer, one backward pass
+    vectorised by ``torch.func.vmap``), the rest ``O(n rank^2)``. A larger ``rank`` captures
     more of the spectrum; ``rho`` regularises the small eigenvalues the sketch misses: too small
     and the neglected directions blow up by ``1 / rho``, too large and every direction is damped.
     The Woodbury form divides by ``rho``, so rounding grows like ``eps / rho``: keep ``rho``
@@ -49,7 +50,9 @@ class Nystrom(LinearSolver):
         rank = min(self.rank, n)
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         indices = torch.randperm(n, generator=generator)[:rank].tolist()
-        columns = torch.stack([operator.mv(_unit(b, i)) for i in indices], dim=1)  # C: n x rank
+        units = b.new_zeros(n, rank)
+        units[indices, range(rank)] = 1
+        columns = operator.mm(units)  # C = A[:, K]: n x rank
         core = self.rho * columns[indices] + columns.T @ columns  # rho W + C^T C
         core = 0.5 * (core + core.T)
         x = (b - columns @ torch.linalg.solve(core, columns.T @ b)) / self.rho
@@ -70,9 +73,3 @@ class Nystrom(LinearSolver):
 
 
 __all__ = ["Nystrom"]
-
-
-def _unit(like: torch.Tensor, index: int) -> torch.Tensor:
-    unit = torch.zeros_like(like)
-    unit[index] = 1
-    return unit

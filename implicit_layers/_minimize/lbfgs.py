@@ -6,6 +6,7 @@ import torch
 
 from .._iteration import IterationState, IterativeMethod
 from .._options import check_in_interval, check_positive_int, options
+from .._records import Status
 from ._base import CountingObjective, Minimizer
 
 
@@ -20,8 +21,18 @@ class LBFGS(IterativeMethod, Minimizer):
     stops at once. ``products`` counts gradient evaluations (the line search may make several
     per iteration; none is repeated at the point an iteration starts from).
 
-    >>> w, record = LBFGS(tol=1e-10).solve(lambda w: ((w - 3) ** 2).sum() + w.prod() ** 2,
-    ...                                     torch.zeros(2, dtype=torch.float64))
+    An iteration that does not move (the line search found no decrease, or the step is below
+    rounding) is judged by the step it proposed, ``lr ||d||`` for the quasi-Newton direction
+    ``d`` (zero at a zero gradient). Within the tolerance, it has converged; so it has where
+    the decrease that step promises, ``lr |grad f . d|``, is within the rounding noise of the
+    loss, taken as ``sqrt(eps) |f|`` since a loss sums many rounded terms (no line search on
+    ``f`` can get closer to the minimum: the residual is then 0). Else L-BFGS has stalled, and
+    stops with status ``INACCURATE``, a failure, with that step as its residual: ``f`` is not
+    smooth at ``w`` (a ReLU kink), or its values and gradients disagree (a loss that samples a
+    new minibatch per call).
+
+    >>> w, record = LBFGS(tol=1e-8).solve(lambda w: ((w - 3) ** 2).sum() + w.prod() ** 2,
+    ...                                    torch.zeros(2, dtype=torch.float64))
     >>> record.converged, round(float(w[0]), 6)
     (True, 1.213412)
     """
@@ -53,7 +64,7 @@ class _LBFGSState(IterationState):
     each torch step begins with, at the point the last one accepted, is not repeated."""
 
     def __init__(self, objective: CountingObjective, w0: torch.Tensor, options: LBFGS):
-        self.objective = objective
+        self.objective, self.options = objective, options
         self.w = w0.detach().clone().requires_grad_()
         self.optimizer = torch.optim.LBFGS(
             [self.w],
@@ -67,14 +78,17 @@ class _LBFGSState(IterationState):
         )
         self.evaluated: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def _closure(self) -> torch.Tensor:
-        point = self.w.detach()
+    def _evaluate(self, point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f, grad f)`` at ``point``, from the last few points evaluated when it is one."""
         cached = [(loss, grad) for seen, loss, grad in self.evaluated if torch.equal(seen, point)]
         if cached:
-            loss, grad = cached[0]
-        else:
-            loss, grad = self.objective(point)
-            self.evaluated = (self.evaluated + [(point.clone(), loss, grad)])[-4:]
+            return cached[0]
+        loss, grad = self.objective(point)
+        self.evaluated = (self.evaluated + [(point.clone(), loss, grad)])[-4:]
+        return loss, grad
+
+    def _closure(self) -> torch.Tensor:
+        loss, grad = self._evaluate(self.w.detach())
         self.w.grad = grad.clone()
         return loss
 
@@ -82,7 +96,25 @@ class _LBFGSState(IterationState):
         before = self.w.detach().clone()
         self.optimizer.step(self._closure)
         after = self.w.detach()
-        return torch.linalg.vector_norm(after - before), torch.linalg.vector_norm(after)
+        moved, scale = torch.linalg.vector_norm(after - before), torch.linalg.vector_norm(after)
+        if moved > 0:
+            return moved, scale
+        return self._unmoved(after, scale), scale
+
+    def _unmoved(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The residual of an iteration that did not move: the step proposed, ``lr ||d||``, or
+        0 where ``f`` cannot resolve it; above the tolerance, L-BFGS has stalled."""
+        options = self.options
+        loss, grad = self._evaluate(w)  # a cache hit: the torch step began there
+        # the direction of the step not taken; a zero gradient makes torch stop before any
+        d = self.optimizer.state[self.w]["d"] if grad.any() else grad
+        proposed = options.lr * torch.linalg.vector_norm(d)
+        if proposed <= options.atol + options.tol * scale:
+            return proposed
+        if options.lr * grad.dot(d).abs() <= torch.finfo(loss.dtype).eps ** 0.5 * loss.abs():
+            return torch.zeros_like(proposed)  # within f's rounding: no line search sees more
+        self.stopped = Status.INACCURATE  # stalled: the next step would not move either
+        return proposed
 
     def result(self) -> torch.Tensor:
         return self.w.detach().clone()
