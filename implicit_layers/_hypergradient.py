@@ -113,7 +113,6 @@ class InnerProblem:
             self.w,
             self.lam,
             [True] * len(self.lam),
-            len(self.lam),
             identity_minus=False,
         )
 

@@ -34,9 +34,8 @@ class ResidualGraph:
     """``G`` at ``(w*, params)`` with a graph, built on first use (a zero ``b`` never builds it);
     ``F = w - G`` when ``identity_minus`` (a fixed point), else ``F = G``.
 
-    ``params`` are the layer's tensor params; the first ``n_substituted`` are replaced by
-    detached leaves (so the graph stays local), the rest (an ``nn.Module``'s own parameters)
-    are used as they are, since the module reads them itself.
+    ``params`` are the layer's tensor inputs; the graph is built on detached leaves in their
+    place (so it stays local), which ``rebuild_params`` turns into the residual's arguments.
     """
 
     def __init__(
@@ -47,13 +46,11 @@ class ResidualGraph:
         w_star: torch.Tensor,
         params: Sequence[torch.Tensor],
         needs_grad: Sequence[bool],
-        n_substituted: int,
         identity_minus: bool,
     ):
         self.residual, self.space, self.rebuild_params = residual, space, rebuild_params
         self.identity_minus = identity_minus
         self.w_star, self.params, self.needs_grad = w_star, params, needs_grad
-        self.n_substituted = n_substituted
         self._built = False
 
     def _w_leaves(self) -> list[torch.Tensor]:
@@ -66,18 +63,12 @@ class ResidualGraph:
         with torch.enable_grad():
             self.w_vars = self._w_leaves()
             self.param_vars = [
-                (p.detach().requires_grad_(need) if p.dtype.is_floating_point else p)
-                if index < self.n_substituted
-                else p
-                for index, (p, need) in enumerate(zip(self.params, self.needs_grad))
+                p.detach().requires_grad_(need) if p.dtype.is_floating_point else p
+                for p, need in zip(self.params, self.needs_grad)
             ]
             w = tree_unflatten(self.space.spec, self.w_vars)
             self.outputs = list(self.residual(w, *self.rebuild_params(self.param_vars)))
-        known = self.w_vars + [
-            p
-            for index, (p, need) in enumerate(zip(self.param_vars, self.needs_grad))
-            if need or index >= self.n_substituted
-        ]
+        known = self.w_vars + [p for p, need in zip(self.param_vars, self.needs_grad) if need]
         _check_no_foreign_tensors(self.outputs, known, self.w_vars)
         self._built = True
 
@@ -108,8 +99,7 @@ class ResidualGraph:
                 fwAD.make_dual(leaf, tangent)
                 for leaf, tangent in zip(self._w_leaves(), space.unflatten_leaves(vector))
             ]
-            constants = [p.detach() for p in self.params[: self.n_substituted]]
-            params = self.rebuild_params(constants + list(self.params[self.n_substituted :]))
+            params = self.rebuild_params([p.detach() for p in self.params])
             leaves = self.residual(tree_unflatten(space.spec, duals), *params)
             tangents = [fwAD.unpack_dual(leaf).tangent for leaf in leaves]
         product = space.flatten_leaves(

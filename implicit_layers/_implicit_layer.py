@@ -247,7 +247,6 @@ class _Call:
             w_star,
             tensors,
             needs,
-            len(tensors),
             self.layer._identity_minus,
         )
 

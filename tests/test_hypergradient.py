@@ -227,7 +227,7 @@ def test_a_batched_product_is_the_dense_transposed_jacobian_times_the_columns(id
 
     space = FlatSpace({"a": torch.zeros(2, dtype=f64), "b": torch.zeros(3, dtype=f64)})
     w = torch.randn(5, generator=generator, dtype=f64)
-    graph = ResidualGraph(residual, space, tuple, w, [lam], [True], 1, identity_minus)
+    graph = ResidualGraph(residual, space, tuple, w, [lam], [True], identity_minus)
     operator = CountingOperator(ImplicitOperator(graph))
     V = torch.randn(5, 4, generator=generator, dtype=f64)
     batched = operator.mm(V)
