@@ -50,11 +50,11 @@ import json
 import math
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from saved_memory import SavedMemory
 from torch import nn
 
 from implicit_layers import GMRES, Anderson, Broyden, FixedPoint, Neumann
@@ -217,44 +217,6 @@ def autograd_loop(problem: Problem, tol: float, max_iter: int) -> Callable[[], t
 # --- measurements ---------------------------------------------------------------------------
 
 
-class _Handle:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-
-class SavedMemory:
-    """Bytes of tensors saved for backward and still alive, one count per storage; the
-    storages of ``exclude`` are not counted."""
-
-    def __init__(self, exclude: tuple[torch.Tensor, ...]):
-        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self.counts: dict[int, int] = {}
-        self.live = 0
-
-    def pack(self, tensor: torch.Tensor) -> _Handle:
-        storage = tensor.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        handle = _Handle(tensor.detach())  # not the tensor: its grad_fn would make a cycle
-        if key in self.excluded:
-            return handle
-        if self.counts.get(key, 0) == 0:
-            self.live += size
-        self.counts[key] = self.counts.get(key, 0) + 1
-        weakref.finalize(handle, self._release, key, size)
-        return handle
-
-    def _release(self, key: int, size: int) -> None:
-        self.counts[key] -= 1
-        if self.counts[key] == 0:
-            del self.counts[key]
-            self.live -= size
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda handle: handle.tensor)
-
-
 def backward(problem: Problem, z: torch.Tensor) -> None:
     (z * problem.G).sum().backward()
 
@@ -280,8 +242,8 @@ class Result:
 def measure_once(problem: Problem, forward: Callable[[], torch.Tensor]) -> Result:
     """Counts and errors of one forward and backward; the memory saved by another forward.
 
-    The memory is measured on a forward that is not differentiated: under any
-    ``saved_tensors_hooks`` our backward fails (see ``saved_memory``)."""
+    The memory is measured on a forward of its own, so the counting hooks never touch the
+    forward and backward whose counts and errors are reported."""
     cell, result = problem.cell, Result()
     clear(problem)
     cell.counting, cell.evaluations, cell.vjps = True, 0, 0
@@ -301,10 +263,8 @@ def measure_once(problem: Problem, forward: Callable[[], torch.Tensor]) -> Resul
 
 
 def saved_memory(problem: Problem, forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes saved for backward by ``forward`` and alive when it returns. The graph is dropped
-    undifferentiated: a ``DEQ`` whose forward ran under ``saved_tensors_hooks`` (even the
-    identity) fails in its backward, its cell's parameters coming back from ``ctx`` as new
-    tensor objects that its check takes for foreign tensors."""
+    """Bytes saved for backward by ``forward`` and alive when it returns; the graph is then
+    dropped undifferentiated."""
     memory = SavedMemory(exclude=(problem.x, *problem.cell.parameters()))
     with memory.hooks():
         z = forward()
