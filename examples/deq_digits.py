@@ -14,9 +14,9 @@ pushes ``||W||_2`` past 1, some samples stop converging within the budget and th
 which the Jacobian penalty (Bai et al., 2021; ``--penalty``) is meant to prevent.
 
 Each epoch prints the training loss and accuracy, the mean forward iterations of a batch (its
-slowest sample's, ``last_forward.iterations``), the mean iterations of a sample (from
-``last_forward.sample_iterations``: each sample stops on its own), the mean backward (GMRES)
-iterations, the fraction of samples whose forward solve converged, and ``||W||_2``.
+slowest sample's, ``last_forward.iterations``), the mean iterations of a sample until it met
+the tolerance (``last_forward.sample_iterations``), the mean backward (GMRES) iterations, the
+fraction of samples whose forward solve converged, and ``||W||_2``.
 
 Run: ``python examples/deq_digits.py`` (``IMPLICIT_LAYERS_FAST=1`` for a short run).
 """

@@ -29,13 +29,16 @@ class IterationState(abc.ABC):
     one vector, 1-D tensors with one entry per row for a batch (new tensors, which the loop
     keeps). ``result`` returns the current iterate, or with ``returns_best`` the one of smallest
     residual seen (per row). The loop calls ``freeze(rows)`` with a boolean mask of the rows
-    that are done (converged, or NaN/Inf): from then on the state must leave those rows at
-    their current iterate and return it (or the point it makes of it, such as a forward
-    solver's final step). A method that finds it cannot go on (a breakdown that is not a NaN)
-    sets ``stopped`` to the status to report.
+    that failed (NaN/Inf), and ``settle(rows)`` with the rows that converged: from then on the
+    state must leave frozen rows at their current iterate and return it (or the point it makes
+    of it, such as a forward solver's final step). Settled rows are frozen too, unless the
+    state ``refines``: it then steps them on with the others and returns, per row, the iterate
+    of smallest residual from the one that converged on. A method that finds it cannot go on
+    (a breakdown that is not a NaN) sets ``stopped`` to the status to report.
     """
 
     returns_best: bool = False
+    refines: bool = False
     stopped: Status | None = None
 
     @abc.abstractmethod
@@ -46,6 +49,10 @@ class IterationState(abc.ABC):
 
     def freeze(self, rows: torch.Tensor) -> None:  # noqa: B027 (a default, not abstract)
         """Keep ``rows`` where they are (a single-vector method stops anyway: nothing to do)."""
+
+    def settle(self, rows: torch.Tensor) -> None:
+        """``rows`` converged: frozen, unless the state ``refines``."""
+        self.freeze(rows)
 
 
 def _as_float(value: Number) -> float:
@@ -102,9 +109,9 @@ class _Rows:
     """The judge of a batch of independent rows (1-D residuals and scales, one entry a row).
 
     Each iteration reads the residuals and scales back (one synchronisation) and compares each
-    running row in Python; the rows that stop are frozen. The residual tensors are kept, and
-    the record's bookkeeping (each row's returned residual, the worst row's history) is done
-    on them once, at the end.
+    running row in Python; the rows that stop are settled (converged) or frozen (NaN/Inf). The
+    residual tensors are kept, and the record's bookkeeping (each row's returned residual, the
+    worst row's history) is done on them once, at the end.
     """
 
     per_row = True
@@ -130,9 +137,13 @@ class _Rows:
                 self.counts[row] = iteration
                 self.statuses[row] = _stop_status(residuals[row], scales[row])
             self.running = [row for row in self.running if self.statuses[row] is None]
-            rows = torch.zeros(len(self.statuses), dtype=torch.bool)
-            rows[done] = True
-            self.state.freeze(rows)
+            failed = [row for row in done if self.statuses[row] is Status.NONFINITE]
+            converged = [row for row in done if self.statuses[row] is Status.CONVERGED]
+            for rows, stop in ((converged, self.state.settle), (failed, self.state.freeze)):
+                if rows:
+                    mask = torch.zeros(len(self.statuses), dtype=torch.bool)
+                    mask[rows] = True
+                    stop(mask)
         return not self.running
 
     def outcome(self) -> tuple[list[tuple[float, float]], list[float], list[int], list]:
@@ -144,9 +155,16 @@ class _Rows:
         ratios = _relative(*RS)
         counts = torch.tensor(self.counts, device=RS.device)
         index = counts - self.first  # the iterate returned: the one a row stopped at, or last
-        if self.state.returns_best:  # a row still running returns its smallest residual
-            running = torch.tensor([s is None for s in self.statuses], device=RS.device)
-            index = torch.where(running, RS[0].argmin(0), index)
+        steps = torch.arange(len(self.residuals), device=RS.device)[:, None]
+        # a row returns its smallest residual from ``since`` on where the state tracks it: a
+        # converged row it refines from where it converged, a row still running (max_iter)
+        # from the start if it returns_best; NaN is never smallest
+        converged = torch.tensor([s is Status.CONVERGED for s in self.statuses], device=RS.device)
+        running = torch.tensor([s is None for s in self.statuses], device=RS.device)
+        tracked = converged & self.state.refines | running & self.state.returns_best
+        since = torch.where(converged, index, 0)
+        candidates = torch.where((steps >= since) & ~RS[0].isnan(), RS[0], math.inf)
+        index = torch.where(tracked, candidates.argmin(0), index)
         final = RS.gather(1, index.expand(2, 1, -1))[:, 0].tolist()
         judged = torch.arange(self.first, last + 1, device=RS.device)[:, None] <= counts
         # each iteration: a running row's relative residual, a stopped row's returned one

@@ -57,6 +57,11 @@ def check_nonnegative(owner: object, name: str, value: Any) -> None:
         )
 
 
+def check_bool(owner: object, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{type(owner).__name__}: `{name}` must be True or False, got {value!r}.")
+
+
 def check_in_interval(owner: object, name: str, value: Any, low: float, high: float) -> None:
     """``low < value <= high``, and finite."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -55,9 +55,9 @@ class SolveRecord:
             for a batch, the worst row's.
         sample_iterations, sample_residuals, sample_converged: for a batch of independent rows
             (a deep equilibrium model's samples, even a batch of one), each row's iterations
-            until it stopped, the relative residual of the iterate it settled on, and whether
-            it converged; empty for a single vector. ``residual`` and ``relative_residual``
-            are then the worst row's.
+            until it met the tolerance (or stopped), the relative residual of the iterate it
+            settled on, and whether it converged; empty for a single vector. ``residual`` and
+            ``relative_residual`` are then the worst row's.
     """
 
     method: str

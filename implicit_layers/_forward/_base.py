@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .._iteration import IterationState, IterativeMethod
-from .._options import options
+from .._options import check_bool, options
 from .._records import SolveRecord, measured_record, relative
 from .._tree import FlatSpace
 from .._user_callable import UserCallable
@@ -77,17 +77,22 @@ class IterativeForwardSolver(IterativeMethod, ForwardSolver):
     record's residual bounds the returned point's. For a map that does not contract at its
     fixed point (Anderson and Broyden may still find it) the step can lose accuracy:
     ``final_step=False`` returns ``w``, whose residual is exactly the record's.
+
+    On a batch of rows each row is judged on its own, and its ``sample_iterations`` count the
+    evaluations until it met the tolerance. ``f`` runs on the whole batch until the last row
+    is done, so with ``refine=True`` (default) a row that converged keeps stepping for free
+    and returns its iterate of smallest residual from then on (never worse than where it
+    converged; ``sample_residuals`` holds that iterate's). ``refine=False`` holds it where
+    it converged, so that a row's result does not depend on the rows batched with it.
     """
 
     final_step: bool = True
+    refine: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.final_step, bool):
-            raise TypeError(
-                f"{type(self).__name__}: `final_step` must be True or False, got "
-                f"{self.final_step!r}."
-            )
+        check_bool(self, "final_step", self.final_step)
+        check_bool(self, "refine", self.refine)
 
     def _run(self, f, w0):
         if w0.ndim == 2:
@@ -107,39 +112,68 @@ class IterativeForwardSolver(IterativeMethod, ForwardSolver):
 
 
 class RowState(IterationState):
-    """A forward iteration on rows. Each step judges an iterate by its residual and
-    :meth:`offer`s the point to return for it (the iterate, or the final step from it); the
-    rows the loop freezes keep their iterate ``w`` and that point."""
+    """A forward iteration on rows, under ``solver``'s ``final_step`` and ``refine``.
 
-    def __init__(self, w0: torch.Tensor):
+    Each step judges an iterate ``w`` by its residual and :meth:`offer`s the point to return
+    for it (``w``, or the final step from it). Per row the state returns the point offered
+    last, or for a *tracked* row the one offered for its iterate of smallest residual since
+    tracking began: a state that ``returns_best`` tracks every row from the start, and one
+    that ``refines`` tracks a row from when it converged (:meth:`settle`) while stepping it on.
+    A frozen row stays at its iterate and returns the point offered when it froze.
+    """
+
+    def __init__(self, w0: torch.Tensor, solver: IterativeForwardSolver):
+        self.final_step, self.refines = solver.final_step, solver.refine
         self.w = w0
         self.proposal: torch.Tensor | None = None  # the next iterate, once a step proposed it
         self.frozen: torch.Tensor | None = None
-        self.offered = w0  # the point offered for the iterate judged last
-        self.chosen = w0  # per row, the point kept to return: the frozen rows'
+        self.offered = w0  # the point offered for the iterate judged last, and its residual
+        self.offered_residual = w0.new_full((w0.shape[0],), math.inf)
+        self.tracking = self.returns_best  # whether any row is tracked (no test per step)
+        self.tracked = torch.full((w0.shape[0],), self.returns_best, device=w0.device)
+        self.best_residual = w0.new_full((w0.shape[0],), math.inf)
+        self.chosen = w0  # per row, the point kept to return: a tracked or frozen row's
 
-    def offer(self, point: torch.Tensor, residual: torch.Tensor) -> None:
-        """``point``: what to return for the iterate just judged, of residual norms
-        ``residual``."""
-        self.offered = point
+    def offer(self, w: torch.Tensor, step: torch.Tensor, residual: torch.Tensor) -> None:
+        """The iterate ``w`` just judged, of residual norms ``residual``, and the final step
+        ``step`` from it; a tracked row keeps the point if its residual is its smallest (a
+        NaN never is)."""
+        self.offered = step if self.final_step else w
+        self.offered_residual = residual
+        if self.tracking:
+            better = self.tracked & (residual < self.best_residual)
+            self.best_residual = torch.where(better, residual, self.best_residual)
+            self.chosen = torch.where(better[:, None], self.offered, self.chosen)
+
+    def settle(self, rows):
+        if not self.refines:
+            self.freeze(rows)
+            return
+        rows = rows.to(self.w.device)
+        self.tracking = True
+        self.tracked = self.tracked | rows
+        self.best_residual = torch.where(rows, self.offered_residual, self.best_residual)
+        self.chosen = torch.where(rows[:, None], self.offered, self.chosen)
 
     def freeze(self, rows):
         rows = rows.to(self.w.device)
         self.frozen = rows if self.frozen is None else self.frozen | rows
+        self.tracked = self.tracked & ~rows
         if self.proposal is not None:
             self.proposal = self.keep(self.proposal)
         self.chosen = torch.where(rows[:, None], self.offered, self.chosen)
 
     def keep(self, proposal: torch.Tensor) -> torch.Tensor:
-        """``proposal`` for the rows still running, the current iterate for the frozen ones."""
+        """``proposal`` for the rows still stepping, the current iterate for the frozen ones."""
         if self.frozen is None:
             return proposal
         return torch.where(self.frozen[:, None], self.w, proposal)
 
     def result(self) -> torch.Tensor:
-        if self.frozen is None:
+        if self.frozen is None and not self.tracking:
             return self.offered
-        return torch.where(self.frozen[:, None], self.chosen, self.offered)
+        held = self.tracked if self.frozen is None else self.tracked | self.frozen
+        return torch.where(held[:, None], self.chosen, self.offered)
 
 
 class BestRowState(RowState):
@@ -147,25 +181,6 @@ class BestRowState(RowState):
     for the iterate of smallest residual seen (a frozen row: for the iterate judged done)."""
 
     returns_best = True
-
-    def __init__(self, w0: torch.Tensor):
-        super().__init__(w0)
-        self.best_residual = w0.new_full((w0.shape[0],), math.inf)
-
-    def offer(self, point, residual):
-        """Offer ``point``, and keep it for the rows whose ``residual`` beats their best (never
-        a NaN)."""
-        super().offer(point, residual)
-        better = residual < self.best_residual
-        self.best_residual = torch.where(better, residual, self.best_residual)
-        self.chosen = torch.where(better[:, None], point, self.chosen)
-
-    def freeze(self, rows):
-        super().freeze(rows)
-        self.best_residual = torch.where(self.frozen, -math.inf, self.best_residual)
-
-    def result(self) -> torch.Tensor:
-        return self.chosen
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:

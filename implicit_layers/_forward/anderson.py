@@ -38,17 +38,14 @@ class Anderson(IterativeForwardSolver):
         check_nonnegative(self, "regularization", self.regularization)
 
     def _start(self, f, w0):
-        return _AndersonState(
-            f, w0, self.memory, self.damping, self.regularization, self.final_step
-        )
+        return _AndersonState(f, w0, self)
 
 
 class _AndersonState(BestRowState):
-    def __init__(self, f, w0, memory, damping, regularization, final_step):
-        super().__init__(w0)
-        self.f, self.damping, self.regularization = f, damping, regularization
-        self.final_step = final_step
-        rows, n = w0.shape
+    def __init__(self, f, w0, solver):
+        super().__init__(w0, solver)
+        self.f, self.damping, self.regularization = f, solver.damping, solver.regularization
+        rows, n, memory = *w0.shape, solver.memory
         self.dX = w0.new_zeros(rows, memory, n)  # differences of x = w + damping g
         self.dG = w0.new_zeros(rows, memory, n)  # differences of g = f(w) - w
         self.eye = torch.eye(memory, dtype=torch.float64, device=w0.device)
@@ -63,7 +60,7 @@ class _AndersonState(BestRowState):
         g = fw - w
         x = step_towards(w, fw, self.damping)
         residual = row_norms(g)
-        self.offer(x if self.final_step else w, residual)
+        self.offer(w, x, residual)
         if self.previous is not None:
             slot = self.filled % self.dX.shape[1]
             self.dX = replace_slot(self.dX, slot, x - self.previous[0])

@@ -34,7 +34,7 @@ class Broyden(IterativeForwardSolver):
         check_positive_int(self, "memory", self.memory)
 
     def _start(self, f, w0):
-        return _BroydenState(f, w0, self.memory, self.final_step)
+        return _BroydenState(f, w0, self)
 
 
 def _low_rank(v: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -46,12 +46,12 @@ def _low_rank(v: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor
 class _BroydenState(BestRowState):
     """``U`` and ``V`` hold the rank-one terms as rows."""
 
-    def __init__(self, f, w0, memory, final_step):
-        super().__init__(w0)
-        rows, n = w0.shape
-        self.f, self.memory, self.final_step = f, memory, final_step
-        self.U = w0.new_zeros(rows, memory, n)  # H = -I + U^T V, row i of U and V a rank-one term
-        self.V = w0.new_zeros(rows, memory, n)
+    def __init__(self, f, w0, solver):
+        super().__init__(w0, solver)
+        self.f, self.memory = f, solver.memory
+        shape = (w0.shape[0], solver.memory, w0.shape[1])
+        self.U = w0.new_zeros(shape)  # H = -I + U^T V, row i of U and V a rank-one term
+        self.V = w0.new_zeros(shape)
         self.updates = 0
         self.g: torch.Tensor | None = None
 
@@ -83,6 +83,6 @@ class _BroydenState(BestRowState):
             self._update(w - self.w, g - self.g)
         self.w, self.g = w, g
         residual = row_norms(g)
-        self.offer(fw if self.final_step else w, residual)
+        self.offer(w, fw, residual)
         self.proposal = self.keep(w - self._apply(g))
         return residual, row_norms(w)

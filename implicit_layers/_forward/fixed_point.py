@@ -27,13 +27,13 @@ class FixedPoint(IterativeForwardSolver):
         check_in_interval(self, "damping", self.damping, 0.0, 1.0)
 
     def _start(self, f, w0):
-        return _FixedPointState(f, w0, self.damping, self.final_step)
+        return _FixedPointState(f, w0, self)
 
 
 class _FixedPointState(RowState):
-    def __init__(self, f, w0, damping, final_step):
-        super().__init__(w0)
-        self.f, self.damping, self.final_step = f, damping, final_step
+    def __init__(self, f, w0, solver):
+        super().__init__(w0, solver)
+        self.f, self.damping = f, solver.damping
 
     def step(self):
         if self.proposal is not None:
@@ -42,6 +42,6 @@ class _FixedPointState(RowState):
         fw = self.f(w)
         residual = row_norms(fw - w)
         following = step_towards(w, fw, self.damping)
-        self.offer(following if self.final_step else w, residual)
+        self.offer(w, following, residual)
         self.proposal = self.keep(following)
         return residual, row_norms(w)

@@ -53,7 +53,7 @@ class _JudgedAgainst(IterationState):
 
     def __init__(self, inner: IterationState, scale: torch.Tensor):
         self.inner, self.scale = inner, scale
-        self.returns_best = inner.returns_best
+        self.returns_best, self.refines = inner.returns_best, inner.refines
 
     @property
     def stopped(self):
@@ -65,6 +65,9 @@ class _JudgedAgainst(IterationState):
 
     def freeze(self, rows):
         self.inner.freeze(rows)
+
+    def settle(self, rows):
+        self.inner.settle(rows)
 
     def result(self):
         return self.inner.result()

@@ -30,9 +30,10 @@ class DEQ(FixedPointLayer):
     ``torch.optim`` optimizer.
 
     * ``solver`` finds ``z*``: :class:`Anderson` (default), :class:`Broyden`,
-      :class:`FixedPoint`, or a callable ``solver(f, z0)``. Each sample stops when it meets the
-      tolerance; ``last_forward`` records the worst sample, and each sample's iterations and
-      relative residual in ``sample_iterations`` and ``sample_residuals``.
+      :class:`FixedPoint`, or a callable ``solver(f, z0)``. Each sample is judged on its own
+      and, once it meets the tolerance, keeps improving while the others run (``refine``);
+      ``last_forward`` records the worst sample, and each sample's iterations to the tolerance
+      and relative residual in ``sample_iterations`` and ``sample_residuals``.
     * ``backward`` says how to differentiate. Implicitly, with the memory of one evaluation of
       the cell, whatever the number of forward iterations: a linear solver on
       ``(I - J)^T u = dL/dz*`` (:class:`GMRES`, default; :class:`BiCGSTAB`, :class:`Neumann`,
