@@ -131,7 +131,7 @@ class ResidualGraph:
 class ImplicitOperator(LinearOperator):
     """``A = F_w^T`` at the solution: ``mv`` is one VJP, ``rmv`` one JVP."""
 
-    def __init__(self, graph: ResidualGraph, rows: int = 1):
+    def __init__(self, graph: ResidualGraph, rows: int | None = None):
         self.graph, self.rows = graph, rows
         self.size = graph.space.size
         self.dtype = graph.space.dtype

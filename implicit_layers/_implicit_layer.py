@@ -148,9 +148,10 @@ class ImplicitLayer(nn.Module, abc.ABC):
 
     _identity_minus = False
 
-    def _rows(self, space: FlatSpace) -> int:
-        """How many independent rows ``w`` holds (a batch of samples that never mix)."""
-        return 1
+    def _rows(self, space: FlatSpace) -> int | None:
+        """How many independent rows ``w`` holds (a batch of samples that never mix); None
+        for one vector."""
+        return None
 
     def _keep(self, info: SolveInfo, stage: str, record: SolveRecord) -> None:
         """File ``record`` of the ``stage`` ("forward", "backward" or "tangent") solve and report
@@ -386,7 +387,7 @@ class _AdjointLayer(ImplicitLayer):
 
         return residual
 
-    def _rows(self, space: FlatSpace) -> int:
+    def _rows(self, space: FlatSpace) -> int | None:
         return self.primal.layer._rows(self.primal.space)
 
     def _keep(self, info: SolveInfo, stage: str, record: SolveRecord) -> None:

@@ -21,14 +21,15 @@ class LinearOperator:
     Subclasses implement :meth:`mv` and, where they can, :meth:`rmv`. :meth:`mm` applies ``A``
     to the columns of a matrix one by one unless a subclass can do them at once;
     :meth:`as_matrix` is ``mm`` of the identity unless a subclass knows the matrix already.
-    ``rows > 1`` says the map is block-diagonal over that many equal blocks of the vector (the
-    samples of a batch do not mix), so a solver may judge each block on its own.
+    ``rows``, where set, says the map is block-diagonal over that many equal blocks of the
+    vector (the samples of a batch, which do not mix, even a batch of one), so a solver may
+    judge and record each block on its own; None (default) is one vector.
     """
 
     size: int
     dtype: torch.dtype
     device: torch.device
-    rows: int = 1
+    rows: int | None = None
 
     def mv(self, vector: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 __all__ = [
@@ -72,6 +72,10 @@ class SolveRecord:
     sample_iterations: tuple[int, ...] = ()
     sample_residuals: tuple[float, ...] = ()
     sample_converged: tuple[bool, ...] = ()
+
+    def without_rows(self) -> SolveRecord:
+        """This record with no per-row fields: that of one vector, run as a row."""
+        return replace(self, sample_iterations=(), sample_residuals=(), sample_converged=())
 
     @property
     def converged(self) -> bool:

@@ -13,6 +13,7 @@ from implicit_layers import (
     CG,
     GMRES,
     Anderson,
+    Broyden,
     ConvergenceError,
     ConvergenceWarning,
     Direct,
@@ -55,6 +56,21 @@ def test_records_are_readable_after_forward_and_backward():
     assert info.backward.converged and info.backward.relative_residual <= 1e-6
     with pytest.raises(AttributeError):  # records are immutable
         info.forward.iterations = 0
+
+
+@pytest.mark.parametrize("make", [FixedPoint, Anderson, Broyden])
+def test_a_forward_solver_as_backward_records_one_vector_as_one(make):
+    """Per-sample fields belong to batches (a DEQ's samples); a plain layer's adjoint solved by
+    a forward solver is one vector and its record has none."""
+    A, lam = affine()
+    layer = fixed_point_layer(lambda w, lam: A @ w + lam, backward=make(tol=1e-10))
+    w, info = layer.solve(torch.zeros(6, dtype=f64), lam)
+    w.sum().backward()
+    assert info.backward.method == make.__name__ and info.backward.converged
+    assert info.backward.sample_iterations == info.backward.sample_residuals == ()
+    assert info.backward.sample_converged == ()
+    expected = reference_grad(A, torch.ones(6, dtype=f64))
+    torch.testing.assert_close(lam.grad, expected, rtol=1e-8, atol=1e-10)
 
 
 def test_per_call_records_are_kept_apart():

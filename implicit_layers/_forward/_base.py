@@ -101,9 +101,7 @@ class IterativeForwardSolver(IterativeMethod, ForwardSolver):
             self._start(lambda rows: f(rows[0]).unsqueeze(0), w0.unsqueeze(0)),
             products=lambda: f.evaluations,
         )
-        # one vector, run as a row: its record has no per-row fields
-        fields = dict(sample_iterations=(), sample_residuals=(), sample_converged=())
-        return w[0], dataclasses.replace(record, **fields)
+        return w[0], record.without_rows()
 
     @abc.abstractmethod
     def _start(self, f: Map, w0: torch.Tensor) -> IterationState:

@@ -18,8 +18,8 @@ class FixedPointIteration(LinearSolver):
     accelerate it, as deep equilibrium models do. It converges when the spectral radius of ``J``
     is below 1 (or the accelerator copes). The first iterate, ``x = b``, is taken for free; each
     evaluation is one product. The forward solver's ``max_iter``, ``tol`` and ``atol`` apply to
-    ``||b - A x|| <= atol + tol ||b||``. On an operator with ``rows > 1`` (a batch of samples)
-    each row is judged, stopped and recorded on its own.
+    ``||b - A x|| <= atol + tol ||b||``. On an operator with ``rows`` (a batch of samples) each
+    row is judged and recorded on its own.
 
     Made for you when a forward solver is passed as ``backward``.
     """
@@ -35,7 +35,7 @@ class FixedPointIteration(LinearSolver):
         return repr(self.solver)
 
     def _run(self, operator, b, x0, unit):
-        rows = operator.rows
+        rows = operator.rows or 1  # one vector runs as one row
         b_rows = b.view(rows, -1)
 
         def step(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ class FixedPointIteration(LinearSolver):
         scale = torch.linalg.vector_norm(b_rows, dim=1)
         state = _JudgedAgainst(self.solver._start(step, start), scale)
         x, record = self.solver._iterate(state, products=lambda: operator.products, unit=unit)
-        return x.reshape(-1), record
+        return x.reshape(-1), record if operator.rows else record.without_rows()
 
 
 class _JudgedAgainst(IterationState):
