@@ -16,7 +16,7 @@ library that is not installed is skipped with a note. On a machine where
 ``torch.cuda.is_available()``, a GPU section times ``core.py``'s hypergradient on the GPU.
 
     python benchmarks/report.py --quick      # the quick modes: a few minutes on 2 cores
-    python benchmarks/report.py              # the full runs (about an hour on 2 cores)
+    python benchmarks/report.py              # the full runs (about six minutes on 2 cores)
 
 Needs matplotlib (``pip install -e ".[examples]"``); the peers are optional (``.[bench]``).
 """
