@@ -233,3 +233,30 @@ def test_rows_are_judged_as_the_rule_says_row_by_row(script, returns_best, refin
     assert list(record.sample_converged) == expected["sample_converged"]
     assert state.frozen == expected["frozen"]
     assert state.settled == expected["settled"]
+
+
+def test_broyden_restarts_a_row_whose_secant_pairs_went_bad():
+    """Stagnating at a noise floor (a tiny, fast oscillating term here, as rounding is in
+    float32), Broyden's secant pairs are noise: unguarded, rows overflow and the solve ends in
+    NaN. Restarted when their residual grows a thousandfold past their best, the rows run out
+    of iterations at their best point instead, finite."""
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 16, 16, generator=generator, dtype=f64)
+    W = 0.9 * W / torch.linalg.matrix_norm(W, 2)[:, None, None]
+    c = torch.randn(8, 16, generator=generator, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh((W @ z.unsqueeze(2)).squeeze(2) + c) + 1e-9 * torch.sin(1e9 * z)
+
+    z0 = torch.zeros(8, 16, dtype=f64)
+    z, record = Broyden(tol=0.0, max_iter=300).solve(f, z0)
+    assert record.status is Status.MAX_ITER and bool(torch.isfinite(z).all())
+    assert record.relative_residual < 1e-12
+    _, unguarded = Broyden(tol=0.0, max_iter=300, restart=math.inf).solve(f, z0)
+    assert unguarded.status is Status.NONFINITE
+
+
+@pytest.mark.parametrize("restart", [1.0, 0.5, -1, True, "1e3"])
+def test_broyden_restart_must_be_above_one(restart):
+    with pytest.raises(ValueError, match="`restart` must be a number above 1"):
+        Broyden(restart=restart)

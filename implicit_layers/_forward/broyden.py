@@ -22,16 +22,29 @@ class Broyden(IterativeForwardSolver):
     row, the iterate ``w`` of smallest residual is settled on, and ``f(w)`` returned
     (``final_step=True``, see :class:`IterativeForwardSolver`) or ``w``.
 
+    A row whose residual grows past ``restart`` times its smallest so far restarts: its
+    rank-one terms are dropped (``H = -I``), so its next step is a plain fixed-point step.
+    Without it, secant pairs made of rounding noise (a row stagnating at a tolerance its
+    precision cannot reach) can drive a row to overflow, and the solve would end in NaN
+    instead of running out of iterations. ``restart=math.inf`` never restarts.
+
     >>> w, record = Broyden(tol=1e-8).solve(lambda w: torch.cos(w), torch.zeros(1))
     >>> round(float(w), 6), record.iterations < 15
     (0.739085, True)
     """
 
     memory: int = 20
+    restart: float = 1e3
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self, "memory", self.memory)
+        number = isinstance(self.restart, (int, float)) and not isinstance(self.restart, bool)
+        if not number or not self.restart > 1:
+            raise ValueError(
+                f"Broyden: `restart` must be a number above 1 (math.inf: never), got "
+                f"{self.restart!r}."
+            )
 
     def _start(self, f, w0):
         return _BroydenState(f, w0, self)
@@ -48,7 +61,7 @@ class _BroydenState(BestRowState):
 
     def __init__(self, f, w0, solver):
         super().__init__(w0, solver)
-        self.f, self.memory = f, solver.memory
+        self.f, self.memory, self.restart = f, solver.memory, solver.restart
         shape = (w0.shape[0], solver.memory, w0.shape[1])
         self.U = w0.new_zeros(shape)  # H = -I + U^T V, row i of U and V a rank-one term
         self.V = w0.new_zeros(shape)
@@ -84,5 +97,9 @@ class _BroydenState(BestRowState):
         self.w, self.g = w, g
         residual = row_norms(g)
         self.offer(w, fw, residual)
+        diverging = residual > self.restart * self.best_residual  # a NaN is not: it is judged
+        if bool(diverging.any()):
+            kept = (~diverging)[:, None, None]
+            self.U, self.V = self.U * kept, self.V * kept
         self.proposal = self.keep(w - self._apply(g))
         return residual, row_norms(w)
