@@ -57,7 +57,10 @@ class SolveRecord:
             (a deep equilibrium model's samples, even a batch of one), each row's iterations
             until it met the tolerance (or stopped), the relative residual of the iterate it
             settled on, and whether it converged; empty for a single vector. ``residual`` and
-            ``relative_residual`` are then the worst row's.
+            ``relative_residual`` are then the worst row's. A linear solver (GMRES, CG, ...)
+            judges the batch as one system instead: its ``residual`` is the whole batch's, and
+            per row it records the batch's iterations, the row's share of the residual over
+            its ``||b_i||``, and whether that share meets the rule on its own.
     """
 
     method: str

@@ -118,6 +118,12 @@ def test_implicit_gradients_match_the_dense_reference(solver, backward):
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-9)
     assert deq.last_forward.converged and deq.last_backward.converged
+    # every backward records each sample; the fixed-point ones judge each on its own, the
+    # linear solvers the batch as one system (a sample may then miss the tolerance alone)
+    assert len(deq.last_backward.sample_residuals) == len(deq.last_backward.sample_converged)
+    assert len(deq.last_backward.sample_residuals) == x.shape[0]
+    if backward in FORWARD_SOLVERS:
+        assert all(deq.last_backward.sample_converged)
     # the decoy: JFB's gradient is far from the implicit one at this contraction
     _, decoy = reference_gradients(cell, x.detach(), G, jacobian_free=True)
     assert (decoy["W"] - expected["W"]).norm() > 1e-2 * expected["W"].norm()

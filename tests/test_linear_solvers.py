@@ -15,8 +15,10 @@ from implicit_layers import (
     BiCGSTAB,
     ConvergenceWarning,
     Direct,
+    MatrixOperator,
     Neumann,
     NormalCG,
+    Nystrom,
     Status,
 )
 from implicit_layers._records import report
@@ -399,3 +401,71 @@ def test_cg_on_accelerators_takes_the_same_steps(monkeypatch, test):
     """The one-synchronisation step used on accelerators, run here on the CPU."""
     monkeypatch.setattr("implicit_layers._linear.cg.read_back_is_free", lambda device: False)
     test()
+
+
+# --- a batch of independent rows (a DEQ's backward): the record of each row -----------------
+
+
+@st.composite
+def row_systems(draw):
+    """``A = diag(I - J_i^T)`` over ``rows`` blocks of contractions ``J_i`` (a DEQ batch's
+    backward system), and a ``b`` whose blocks span four orders of magnitude."""
+    rows, n = draw(st.integers(1, 4)), draw(st.integers(2, 8))
+    rho = draw(st.floats(0.05, 0.9))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    J = torch.randn(rows, n, n, generator=generator, dtype=f64)
+    J = rho * J / torch.linalg.matrix_norm(J, 2)[:, None, None]
+    A = torch.block_diag(*(torch.eye(n, dtype=f64) - J.transpose(1, 2)))
+    scales = torch.logspace(-2, 2, rows, dtype=f64)[torch.randperm(rows, generator=generator)]
+    b = (torch.randn(rows, n, generator=generator, dtype=f64) * scales[:, None]).reshape(-1)
+    return A, b, rows
+
+
+ROW_SOLVERS = {
+    "CG": lambda k: CG(max_iter=k, tol=1e-3),  # on A A^T, symmetric positive definite
+    "GMRES": lambda k: GMRES(max_iter=k, tol=1e-3, restart=3),
+    "BiCGSTAB": lambda k: BiCGSTAB(max_iter=k, tol=1e-3),
+    "Neumann": lambda k: Neumann(max_iter=k, tol=1e-3),
+    "NormalCG": lambda k: NormalCG(max_iter=k, tol=1e-3),
+    "Direct": lambda k: Direct(tol=1e-3),
+    "Nystrom": lambda k: Nystrom(rank=k, rho=0.5),  # on A A^T; no tolerance: UNCHECKED
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(row_systems(), st.sampled_from(sorted(ROW_SOLVERS)), st.integers(1, 8))
+def test_each_row_of_a_batch_has_its_own_residual_in_the_record(system, name, k):
+    """Solved as one system, a batch's record also gives each row's relative residual (of the
+    point the record measures), its iterations (the batch's) and whether it meets the tolerance
+    on its own; the rows' residuals make up the record's."""
+    A, b, rows = system
+    if name in ("CG", "Nystrom"):
+        A = A @ A.T
+    operator = MatrixOperator(A)
+    operator.rows = rows
+    x, record = ROW_SOLVERS[name](k).solve(operator, b)
+    residual = b - A @ x
+    if name == "Neumann":  # it measures the sum before its last term t: r(x) = (I - A) t
+        residual = torch.linalg.solve(torch.eye(len(b), dtype=f64) - A, residual)
+    r_rows = residual.view(rows, -1).norm(dim=1)
+    b_rows = b.view(rows, -1).norm(dim=1)
+    assert record.sample_iterations == (record.iterations,) * rows
+    assert record.sample_residuals == pytest.approx((r_rows / b_rows).tolist(), rel=1e-6)
+    total = math.sqrt(
+        sum((ratio * float(s)) ** 2 for ratio, s in zip(record.sample_residuals, b_rows))
+    )
+    assert total == pytest.approx(record.residual, rel=1e-6)
+    if record.tol is None:
+        assert record.sample_converged == ()
+        return
+    for meets, r, s in zip(record.sample_converged, r_rows.tolist(), b_rows.tolist()):
+        if abs(r - 1e-3 * s) > 1e-6 * s:  # clear of the boundary, where rounding decides
+            assert meets == (r <= 1e-3 * s)
+
+
+def test_one_vector_has_no_row_fields():
+    A, b = _fixed_contractive()
+    for solver in (GMRES(), CG(), Direct()):
+        _, record = solver.solve(A @ A.T if isinstance(solver, CG) else A, b)
+        assert record.sample_iterations == record.sample_residuals == ()
+        assert record.sample_converged == ()

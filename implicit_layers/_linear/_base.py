@@ -11,10 +11,16 @@ import torch
 
 from .._iteration import IterationState, IterativeMethod
 from .._operator import CountingOperator, LinearOperator, as_operator
-from .._records import SolveRecord, Status, measured_record
+from .._records import SolveRecord, Status, measured_record, relative
 from .._user_callable import UserCallable
 
-__all__ = ["LinearSolver", "IterativeLinearSolver", "UserLinearSolver", "as_linear_solver"]
+__all__ = [
+    "LinearSolver",
+    "IterativeLinearSolver",
+    "UserLinearSolver",
+    "as_linear_solver",
+    "with_rows",
+]
 
 
 class LinearSolver(abc.ABC):
@@ -90,12 +96,16 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
         else:
             x, residual = x0.clone(), b - operator.mv(x0)
         b_norm = float(torch.linalg.vector_norm(b))
-        return self._iterate(
-            self._start(operator, x, residual, b_norm),
+        state = self._start(operator, x, residual, b_norm)
+        x, record = self._iterate(
+            state,
             products=lambda: operator.products,
             initial=(torch.linalg.vector_norm(residual), b_norm),
             unit=unit,
         )
+        if operator.rows is not None:  # GMRES forms its residual vector only here
+            record = with_rows(record, operator, state.residual_vector(), b)
+        return x, record
 
     @abc.abstractmethod
     def _start(
@@ -104,8 +114,39 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
         x: torch.Tensor,
         residual: torch.Tensor,
         b_norm: float,
-    ) -> IterationState:
+    ) -> LinearSolverState:
         """The state of a run from iterate ``x`` with residual ``b - A x``."""
+
+
+class LinearSolverState(IterationState):
+    """The run of an iterative linear solver, which knows the residual vector it judges."""
+
+    @abc.abstractmethod
+    def residual_vector(self) -> torch.Tensor:
+        """The residual vector whose norm the record holds (``b - A x`` for the ``x``
+        returned, unless the method says otherwise), from its recurrences: no product."""
+
+
+def with_rows(
+    record: SolveRecord, operator: LinearOperator, residual: torch.Tensor, b: torch.Tensor
+) -> SolveRecord:
+    """On a batch of rows (``operator.rows``), ``record`` with each row's iterations (those of
+    the batch), relative residual ``||r_i|| / ||b_i||`` and, if the solver has a tolerance,
+    whether the row meets it on its own. The solver judged the batch as one system, so a
+    CONVERGED solve may hold a row that does not. ``b`` and ``residual`` are in the units of
+    ``record.atol``."""
+    if operator.rows is None:
+        return record
+    rows = operator.rows
+    norms = torch.linalg.vector_norm(torch.stack((residual, b)).view(2, rows, -1), dim=2)
+    residuals, scales = norms.double().tolist()
+    ratios = tuple(relative(r, s) for r, s in zip(residuals, scales))
+    fields = dict(sample_iterations=(record.iterations,) * rows, sample_residuals=ratios)
+    if record.tol is not None:
+        atol = record.atol or 0.0
+        meets = (r <= atol + record.tol * s for r, s in zip(residuals, scales))
+        fields["sample_converged"] = tuple(meets)
+    return dataclasses.replace(record, **fields)
 
 
 class UserLinearSolver(UserCallable, LinearSolver):
@@ -119,14 +160,15 @@ class UserLinearSolver(UserCallable, LinearSolver):
         x = self.function(operator.mv, b)
         _check_vector(x, f"the result of the backward callable `{self.method}`", like=b)
         made = operator.products
+        residual = b - operator.mv(x)
         record = measured_record(
             self.method,
             iterations=made,
             products=made + 1,
-            residual=float(torch.linalg.vector_norm(b - operator.mv(x))),
+            residual=float(torch.linalg.vector_norm(residual)),
             scale=float(torch.linalg.vector_norm(b)),
         )
-        return x, record
+        return x, with_rows(record, operator, residual, b)
 
 
 def check_preconditioner(solver: LinearSolver) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._iteration import IterationState
 from .._options import options
-from ._base import IterativeLinearSolver
+from ._base import IterativeLinearSolver, LinearSolverState
 
 
 @options
@@ -27,7 +26,7 @@ class BiCGSTAB(IterativeLinearSolver):
         return _BiCGSTABState(operator, x, residual, b_norm)
 
 
-class _BiCGSTABState(IterationState):
+class _BiCGSTABState(LinearSolverState):
     def __init__(self, operator, x, residual, b_norm):
         self.operator, self.x, self.r, self.b_norm = operator, x, residual, b_norm
         self.shadow = residual.clone()
@@ -54,3 +53,6 @@ class _BiCGSTABState(IterationState):
 
     def result(self) -> torch.Tensor:
         return self.x
+
+    def residual_vector(self) -> torch.Tensor:
+        return self.r

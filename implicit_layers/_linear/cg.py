@@ -7,10 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from .._iteration import IterationState
 from .._options import options
 from .._records import Status
-from ._base import IterativeLinearSolver, check_preconditioner
+from ._base import IterativeLinearSolver, LinearSolverState, check_preconditioner
 
 Preconditioner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,7 +56,7 @@ def read_back_is_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-class CGState(IterationState):
+class CGState(LinearSolverState):
     """CG's recurrences; :meth:`products` is the one place that touches the operator.
 
     ``rz`` is ``r.z`` with ``z = M r`` the preconditioned residual (``z = r`` without ``M``).
@@ -119,3 +118,6 @@ class CGState(IterationState):
 
     def result(self) -> torch.Tensor:
         return self.x
+
+    def residual_vector(self) -> torch.Tensor:
+        return self.r

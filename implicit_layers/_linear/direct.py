@@ -8,7 +8,7 @@ from .._iteration import DEFAULT_TOL
 from .._operator import CountingOperator
 from .._options import check_nonnegative, options
 from .._records import measured_record
-from ._base import LinearSolver
+from ._base import LinearSolver, with_rows
 
 
 @options
@@ -44,13 +44,14 @@ class Direct(LinearSolver):
                 "backward that means w* is not isolated: for a fixed point 1 is an eigenvalue "
                 "of dPhi/dw (I - J is singular), for an argmin the Hessian is singular."
             ) from error
+        residual = b - matrix @ x
         record = measured_record(
             self.method,
             iterations=1,
             products=operator.products,
-            residual=float(torch.linalg.vector_norm(b - matrix @ x)),
+            residual=float(torch.linalg.vector_norm(residual)),
             scale=float(torch.linalg.vector_norm(b)),
             tol=self.tol,
             atol=self.atol / unit,
         )
-        return x, record
+        return x, with_rows(record, operator, residual, b)

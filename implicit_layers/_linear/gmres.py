@@ -6,9 +6,8 @@ import math
 
 import torch
 
-from .._iteration import IterationState
 from .._options import check_positive_int, options
-from ._base import IterativeLinearSolver, check_preconditioner
+from ._base import IterativeLinearSolver, LinearSolverState, check_preconditioner
 from .cg import Preconditioner
 
 
@@ -48,7 +47,7 @@ class GMRES(IterativeLinearSolver):
         return _GMRESState(operator, x, residual, b_norm, restart, self.preconditioner)
 
 
-class _GMRESState(IterationState):
+class _GMRESState(LinearSolverState):
     def __init__(self, operator, x, residual, b_norm, restart, preconditioner):
         self.operator, self.x, self.b_norm, self.restart = operator, x, b_norm, restart
         self.precondition = preconditioner or (lambda v: v)
@@ -116,15 +115,21 @@ class _GMRESState(IterationState):
 
     def _restart(self) -> None:
         y, self.x = self._update()
-        size = len(y)
-        # b - A x_new = V_{m+1} (beta e_1 - H y), from the Arnoldi relation A V_m = V_{m+1} H.
-        combination = [0.0] * (size + 1)
+        self._begin_cycle(self._residual(y))
+
+    def _residual(self, y: list[float]) -> torch.Tensor:
+        """``b - A x`` for ``x`` updated by ``y``: ``V_{m+1} (beta e_1 - H y)``, from the
+        Arnoldi relation ``A V_m = V_{m+1} H``."""
+        combination = [0.0] * (len(y) + 1)
         combination[0] = self.beta
         for k, column in enumerate(self.hessenberg):
             for i, entry in enumerate(column):
                 combination[i] -= entry * y[k]
         weights = torch.tensor(combination, dtype=self.x.dtype, device=self.x.device)
-        self._begin_cycle(self.basis[: size + 1].T @ weights)
+        return self.basis[: len(y) + 1].T @ weights
 
     def result(self) -> torch.Tensor:
         return self._update()[1] if self.triangle else self.x
+
+    def residual_vector(self) -> torch.Tensor:
+        return self._residual(self._coefficients())

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._iteration import IterationState
 from .._options import check_in_interval, options
-from ._base import IterativeLinearSolver
+from ._base import IterativeLinearSolver, LinearSolverState
 
 
 @options
@@ -43,7 +42,7 @@ class Neumann(IterativeLinearSolver):
         return _NeumannState(operator, x, residual, b_norm, self.step)
 
 
-class _NeumannState(IterationState):
+class _NeumannState(LinearSolverState):
     def __init__(self, operator, x, residual, b_norm, step):
         self.operator, self.x, self.r, self.b_norm, self.step_size = (
             operator,
@@ -60,3 +59,7 @@ class _NeumannState(IterationState):
 
     def result(self) -> torch.Tensor:
         return self.x + self.step_size * self.r  # the last term, free: r = (I - step A)^k r_0
+
+    def residual_vector(self) -> torch.Tensor:
+        """The residual the record measures: that of the sum before its last term."""
+        return self.r

@@ -9,7 +9,7 @@ import torch
 from .._operator import CountingOperator
 from .._options import check_in_interval, check_positive_int, options
 from .._records import measured_record, unmeasured_record
-from ._base import LinearSolver
+from ._base import LinearSolver, with_rows
 
 
 @options
@@ -61,15 +61,15 @@ class Nystrom(LinearSolver):
             return x, unmeasured_record(
                 self.method, iterations=rank, products=operator.products, finite=finite
             )
-        residual = float(torch.linalg.vector_norm(b - operator.mv(x)))
+        residual = b - operator.mv(x)
         record = measured_record(
             self.method,
             iterations=rank,
             products=operator.products,
-            residual=residual,
+            residual=float(torch.linalg.vector_norm(residual)),
             scale=float(torch.linalg.vector_norm(b)),
         )
-        return x, record
+        return x, with_rows(record, operator, residual, b)
 
 
 __all__ = ["Nystrom"]
