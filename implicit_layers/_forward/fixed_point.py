@@ -18,6 +18,14 @@ class FixedPoint(IterativeForwardSolver):
     >>> w, record = FixedPoint(tol=1e-8).solve(lambda w: 0.5 * w + 1, torch.zeros(1))
     >>> round(float(w), 6), record.converged
     (2.0, True)
+
+    Rows (a batch) are judged one by one; the first row below converges after 7 steps and,
+    refined while the second runs (``refine=True``), ends with a residual of 0 in float32:
+
+    >>> a = torch.tensor([[0.1], [0.5]])
+    >>> w, record = FixedPoint(tol=1e-6).solve(lambda w: a * w + 1, torch.zeros(2, 1))
+    >>> record.sample_iterations, record.sample_residuals[0]
+    ((7, 20), 0.0)
     """
 
     damping: float = 1.0
