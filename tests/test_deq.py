@@ -329,10 +329,10 @@ def row_problems(draw):
 
 
 @settings(max_examples=30, deadline=None)
-@given(row_problems(), st.sampled_from(["FixedPoint", "Anderson", "Broyden"]))
-def test_solvers_on_rows_find_each_rows_fixed_point(rows_problem, name):
+@given(row_problems(), st.sampled_from(["FixedPoint", "Anderson", "Broyden"]), st.booleans())
+def test_solvers_on_rows_find_each_rows_fixed_point(rows_problem, name, refine):
     W, c = rows_problem
-    solver = type(FORWARD_SOLVERS[name])(tol=1e-10, max_iter=1000)
+    solver = type(FORWARD_SOLVERS[name])(tol=1e-10, max_iter=1000, refine=refine)
     z, record = solver.solve(lambda z: torch.tanh((W @ z.unsqueeze(2)).squeeze(2) + c), 0 * c)
     assert record.status is Status.CONVERGED
     true = (torch.tanh((W @ z.unsqueeze(2)).squeeze(2) + c) - z).norm(dim=1)
