@@ -55,6 +55,11 @@ class IterationState(abc.ABC):
         self.freeze(rows)
 
 
+def read_back_is_free(device: torch.device) -> bool:
+    """On the CPU, reading a scalar back costs no synchronisation."""
+    return device.type == "cpu"
+
+
 def _as_float(value: Number) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 

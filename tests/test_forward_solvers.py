@@ -235,11 +235,16 @@ def test_rows_are_judged_as_the_rule_says_row_by_row(script, returns_best, refin
     assert state.settled == expected["settled"]
 
 
-def test_broyden_restarts_a_row_whose_secant_pairs_went_bad():
+@pytest.mark.parametrize("read_back_is_free", [True, False], ids=["cpu path", "gpu path"])
+def test_broyden_restarts_a_row_whose_secant_pairs_went_bad(read_back_is_free, monkeypatch):
     """Stagnating at a noise floor (a tiny, fast oscillating term here, as rounding is in
     float32), Broyden's secant pairs are noise: unguarded, rows overflow and the solve ends in
     NaN. Restarted when their residual grows a thousandfold past their best, the rows run out
-    of iterations at their best point instead, finite."""
+    of iterations at their best point instead, finite. The GPU path (no read-back to test
+    whether any row restarts) makes the same iteration."""
+    monkeypatch.setattr(
+        "implicit_layers._forward.broyden.read_back_is_free", lambda device: read_back_is_free
+    )
     generator = torch.Generator().manual_seed(0)
     W = torch.randn(8, 16, 16, generator=generator, dtype=f64)
     W = 0.9 * W / torch.linalg.matrix_norm(W, 2)[:, None, None]

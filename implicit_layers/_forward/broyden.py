@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._iteration import read_back_is_free
 from .._options import check_positive_int, options
 from ._base import BestRowState, IterativeForwardSolver, replace_slot, row_norms
 
@@ -98,8 +99,10 @@ class _BroydenState(BestRowState):
         residual = row_norms(g)
         self.offer(w, fw, residual)
         diverging = residual > self.restart * self.best_residual  # a NaN is not: it is judged
-        if bool(diverging.any()):
-            kept = (~diverging)[:, None, None]
-            self.U, self.V = self.U * kept, self.V * kept
+        # on a GPU, dropping nothing costs less than the synchronisation that would tell
+        if not read_back_is_free(w.device) or bool(diverging.any()):
+            dropped = diverging[:, None, None]
+            self.U = torch.where(dropped, 0.0, self.U)
+            self.V = torch.where(dropped, 0.0, self.V)
         self.proposal = self.keep(w - self._apply(g))
         return residual, row_norms(w)

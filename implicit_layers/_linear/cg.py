@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._iteration import read_back_is_free
 from .._options import options
 from .._records import Status
 from ._base import IterativeLinearSolver, LinearSolverState, check_preconditioner
@@ -49,11 +50,6 @@ class CG(IterativeLinearSolver):
 
     def _start(self, operator, x, residual, b_norm):
         return CGState(operator, x, residual, b_norm, self.preconditioner)
-
-
-def read_back_is_free(device: torch.device) -> bool:
-    """On the CPU, reading a scalar back costs no synchronisation."""
-    return device.type == "cpu"
 
 
 class CGState(LinearSolverState):
