@@ -439,96 +439,111 @@ def failure(run: Run) -> str:
     )
 
 
+def section(title: str, description: str, run: Run, body: Callable[[], list[str]]) -> str:
+    """A section of the page: its title, what the script measures, then ``body()`` (tables and
+    plots, from the run's data) and the script's printed output; a failed run's error instead."""
+    out = [f"## {title}", "", description, ""]
+    if run.failed:
+        return "\n".join(out) + "\n" + failure(run)
+    return "\n".join([*out, *body(), raw(run)])
+
+
 def core_section(run: Run, image: str | None) -> str:
-    out = ["## One hypergradient: the layers against a hand-written baseline", ""]
-    out.append(
+    def body() -> list[str]:
+        out: list[str] = []
+        meta = run.data["meta"]
+        out.append(
+            f"Median of {meta['repeats']} samples, {meta['threads']} threads, wall-clock time."
+        )
+        out.append("")
+        rows = [
+            [
+                r["k"],
+                f"{r['baseline_ms']:.2f}",
+                f"{r['layer_ms']:.2f}",
+                f"{r['layer_ms'] / r['baseline_ms']:.2f}",
+                f"{r['argmin_ms']:.2f}",
+                f"{r['argmin_ms'] / r['baseline_ms']:.2f}",
+                sci(r["baseline_err"], 2),
+                sci(r["layer_err"], 2),
+                sci(r["argmin_err"], 2),
+            ]
+            for r in run.data["rows"]
+        ]
+        header = ["k", "baseline ms", "layer ms", "layer / baseline", "argmin ms"]
+        header += ["argmin / baseline", "baseline err", "layer err", "argmin err"]
+        out += [table(header, rows), ""]
+        if image:
+            out += [f"![time and error against k](img/{image})", ""]
+        return out
+
+    return section(
+        "One hypergradient: the layers against a hand-written baseline",
         "`benchmarks/core.py`: ridge regression with one weight decay per feature (`n = 2000`, "
         "`d = 1000`, float32), one hypergradient with `k` CG iterations at the exact `w*`. The "
         "baseline is the minimal hand-written implicit hypergradient (one "
         "`autograd.grad(create_graph=True)`, `k` Hessian-vector products, textbook CG); "
         "`fixed_point_layer` runs on the gradient step and `argmin_layer` on the loss. The "
-        "three are timed alternately in the same run; errors are against a dense float64 solve."
+        "three are timed alternately in the same run; errors are against a dense float64 solve.",
+        run,
+        body,
     )
-    out.append("")
-    if run.failed:
-        return "\n".join(out) + "\n" + failure(run)
-    meta = run.data["meta"]
-    out.append(f"Median of {meta['repeats']} samples, {meta['threads']} threads, wall-clock time.")
-    out.append("")
-    rows = [
-        [
-            r["k"],
-            f"{r['baseline_ms']:.2f}",
-            f"{r['layer_ms']:.2f}",
-            f"{r['layer_ms'] / r['baseline_ms']:.2f}",
-            f"{r['argmin_ms']:.2f}",
-            f"{r['argmin_ms'] / r['baseline_ms']:.2f}",
-            sci(r["baseline_err"], 2),
-            sci(r["layer_err"], 2),
-            sci(r["argmin_err"], 2),
-        ]
-        for r in run.data["rows"]
-    ]
-    header = ["k", "baseline ms", "layer ms", "layer / baseline", "argmin ms"]
-    header += ["argmin / baseline", "baseline err", "layer err", "argmin err"]
-    out += [table(header, rows), ""]
-    if image:
-        out += [f"![time and error against k](img/{image})", ""]
-    out.append(raw(run))
-    return "\n".join(out)
 
 
 def hypergradient_section(run: Run, images: tuple[str | None, str | None]) -> str:
-    out = ["## Every hypergradient method, and the peers", ""]
-    out.append(
+    def body() -> list[str]:
+        out: list[str] = []
+        meta = run.data["meta"]
+        out.append(f"Peers: {'; '.join(meta['peers'])}. Median of {meta['repeats']} samples.")
+        out.append("")
+        rows = run.data["rows"]
+        for problem, dtype in _cases(rows):
+            mine = [r for r in rows if (r["problem"], r["dtype"]) == (problem, dtype)]
+            ks = sorted({r["k"] for r in mine if r["k"] is not None})
+            methods = list(dict.fromkeys(r["method"] for r in mine if r["k"] is not None))
+            base = {
+                r["k"]: r["ms"]
+                for r in mine
+                if r["method"] in ("torchopt solve_cg", "torchopt-style CG*")
+            }
+            lines = []
+            for method in methods:
+                by_k = {r["k"]: r for r in mine if r["method"] == method}
+                cells = [sci(by_k[k]["error"]) if k in by_k else "-" for k in ks]
+                last = by_k.get(ks[-1])
+                if last is None:
+                    lines.append([method, *cells, "-", "-", "-"])
+                    continue
+                ratio = f"{last['ms'] / base[ks[-1]]:.2f}" if ks[-1] in base else "-"
+                lines.append([method, *cells, last["products"], ms(last["ms"]), ratio])
+            for r in mine:
+                if r["k"] is None:
+                    lines.append(
+                        [r["method"], *["" for _ in ks[:-1]], sci(r["error"]), r["products"]]
+                    )
+                    lines[-1] += [ms(r["ms"]), "-"]
+            header = ["method", *[f"error, k={k}" for k in ks], f"products at k={ks[-1]}"]
+            header += [f"ms at k={ks[-1]}", f"/ torchopt at k={ks[-1]}"]
+            out += [f"**{problem}, {dtype}**", "", table(header, lines), ""]
+        error_image, time_image = images
+        if error_image:
+            out += [f"![relative error against k, per method](img/{error_image})", ""]
+        if time_image:
+            out += [f"![time against k, per method](img/{time_image})", ""]
+        return out
+
+    return section(
+        "Every hypergradient method, and the peers",
         "`benchmarks/hypergradient.py`: the ridge (`d = 1000`, condition number ~160) and "
         "logistic (`d = 200`, ~34) problems with per-feature weight decay, in float32 and "
         "float64. Every method gets a budget of `k` products at the exact `w*`; errors are "
         "against the dense float64 hypergradient. Times are medians of round-robin samples on "
         "one thread, by the thread's CPU time. The ratio column divides by torchopt's "
         "`solve_cg` (through `custom_root`) at the same `k`, in the same run. The script's "
-        "docstring explains how each peer is called and how its products are counted."
+        "docstring explains how each peer is called and how its products are counted.",
+        run,
+        body,
     )
-    out.append("")
-    if run.failed:
-        return "\n".join(out) + "\n" + failure(run)
-    meta = run.data["meta"]
-    out.append(f"Peers: {'; '.join(meta['peers'])}. Median of {meta['repeats']} samples.")
-    out.append("")
-    rows = run.data["rows"]
-    for problem, dtype in _cases(rows):
-        mine = [r for r in rows if (r["problem"], r["dtype"]) == (problem, dtype)]
-        ks = sorted({r["k"] for r in mine if r["k"] is not None})
-        methods = list(dict.fromkeys(r["method"] for r in mine if r["k"] is not None))
-        base = {
-            r["k"]: r["ms"]
-            for r in mine
-            if r["method"] in ("torchopt solve_cg", "torchopt-style CG*")
-        }
-        lines = []
-        for method in methods:
-            by_k = {r["k"]: r for r in mine if r["method"] == method}
-            cells = [sci(by_k[k]["error"]) if k in by_k else "-" for k in ks]
-            last = by_k.get(ks[-1])
-            if last is None:
-                lines.append([method, *cells, "-", "-", "-"])
-                continue
-            ratio = f"{last['ms'] / base[ks[-1]]:.2f}" if ks[-1] in base else "-"
-            lines.append([method, *cells, last["products"], ms(last["ms"]), ratio])
-        for r in mine:
-            if r["k"] is None:
-                lines.append([r["method"], *["" for _ in ks[:-1]], sci(r["error"]), r["products"]])
-                lines[-1] += [ms(r["ms"]), "-"]
-        header = ["method", *[f"error, k={k}" for k in ks], f"products at k={ks[-1]}"]
-        header += [f"ms at k={ks[-1]}", f"/ torchopt at k={ks[-1]}"]
-        out += [f"**{problem}, {dtype}**", "", table(header, lines), ""]
-    error_image, time_image = images
-    if error_image:
-        out += [f"![relative error against k, per method](img/{error_image})", ""]
-    if time_image:
-        out += [f"![time against k, per method](img/{time_image})", ""]
-    out.append(raw(run))
-    return "\n".join(out)
 
 
 def products_to_reach(rows: list[dict], method: str, target: float) -> str:
@@ -537,167 +552,187 @@ def products_to_reach(rows: list[dict], method: str, target: float) -> str:
 
 
 def solvers_section(run: Run, image: str | None) -> str:
-    out = ["## Backward solvers: error against products", ""]
-    out.append(
+    def body() -> list[str]:
+        out: list[str] = []
+        rows = run.data["rows"]
+        problems = list(dict.fromkeys(r["problem"] for r in rows))
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        lines = []
+        for method in methods:
+            cells = []
+            for problem in problems:
+                mine = [r for r in rows if r["problem"] == problem]
+                ran = any(r["method"] == method for r in mine)
+                cells.append(products_to_reach(mine, method, 1e-6) if ran else "n/a")
+            lines.append([method, *cells])
+        out += [table(["method", *problems], lines), ""]
+        out.append(f"Budgets tried: {', '.join(map(str, run.data['meta']['budgets']))} products.")
+        out.append("")
+        if image:
+            out += [f"![error against products, per solver](img/{image})", ""]
+        return out
+
+    return section(
+        "Backward solvers: error against products",
         "`benchmarks/solvers.py`: each linear solver on four backward systems, float64, with a "
         "budget of products and no tolerance; the error of `x` is against a dense solve. The two "
         "Hessians are those of `hypergradient.py`; the two DEQ systems are `(I - J)^T` of the "
         "cell of `deq.py` at its fixed point (8 samples, not symmetric). The table gives the "
-        "fewest products, among the budgets tried, after which the error was at most `1e-6`."
+        "fewest products, among the budgets tried, after which the error was at most `1e-6`.",
+        run,
+        body,
     )
-    out.append("")
-    if run.failed:
-        return "\n".join(out) + "\n" + failure(run)
-    rows = run.data["rows"]
-    problems = list(dict.fromkeys(r["problem"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = []
-    for method in methods:
-        cells = []
-        for problem in problems:
-            mine = [r for r in rows if r["problem"] == problem]
-            ran = any(r["method"] == method for r in mine)
-            cells.append(products_to_reach(mine, method, 1e-6) if ran else "n/a")
-        lines.append([method, *cells])
-    out += [table(["method", *problems], lines), ""]
-    out.append(f"Budgets tried: {', '.join(map(str, run.data['meta']['budgets']))} products.")
-    out.append("")
-    if image:
-        out += [f"![error against products, per solver](img/{image})", ""]
-    out.append(raw(run))
-    return "\n".join(out)
 
 
 def deq_section(run: Run, image: str | None) -> str:
-    out = ["## Deep equilibrium models, against torchdeq", ""]
-    out.append(
+    def body() -> list[str]:
+        out: list[str] = []
+        meta = run.data["meta"]
+        torchdeq = meta["torchdeq"] or "not installed: its rows are skipped"
+        out.append(
+            f"torchdeq: {torchdeq}. Median of {meta['repeats']} repeats, {meta['threads']} threads."
+        )
+        out.append("")
+        for problem in dict.fromkeys(r["problem"] for r in run.data["forward"]):
+            for tol in dict.fromkeys(r["tol"] for r in run.data["forward"]):
+                forward = [
+                    r for r in run.data["forward"] if (r["problem"], r["tol"]) == (problem, tol)
+                ]
+                lines = [
+                    [r["contender"].replace("ours   ", "ours "), r["fwd_evals"], r["bwd_vjps"]]
+                    + [sci(r["rel_res"]), sci(r["grad_err"]), ms(r["fwd_ms"]), ms(r["total_ms"])]
+                    for r in forward
+                ]
+                header = ["forward + adjoint solver", "fwd evals", "bwd VJPs", "rel. residual"]
+                header += ["grad err", "fwd ms", "fwd+bwd ms"]
+                out += [
+                    f"**{problem}, tol {tol:g}: forward solvers**",
+                    "",
+                    table(header, lines),
+                    "",
+                ]
+                backward = [
+                    r for r in run.data["backward"] if (r["problem"], r["tol"]) == (problem, tol)
+                ]
+                lines = [
+                    [r["contender"].replace("ours   ", "ours "), r["fwd_evals"], r["bwd_evals"]]
+                    + [
+                        r["bwd_vjps"],
+                        sci(r["grad_err"]),
+                        ms(r["total_ms"]),
+                        f"{r['saved'] / 1024:.0f}",
+                    ]
+                    for r in backward
+                ]
+                header = ["backward mode", "fwd evals", "bwd evals", "bwd VJPs", "grad err"]
+                header += ["fwd+bwd ms", "KiB saved"]
+                out += [f"**{problem}, tol {tol:g}: backward modes**", "", table(header, lines), ""]
+        memory = run.data["memory"]
+        iterations = list(dict.fromkeys(r["iterations"] for r in memory))
+        lines = []
+        for contender in dict.fromkeys(r["contender"] for r in memory):
+            saved = {r["iterations"]: r["saved"] for r in memory if r["contender"] == contender}
+            lines.append(
+                [
+                    contender.replace("ours   ", "ours "),
+                    *(f"{saved[k] / 1024:.0f}" for k in iterations),
+                ]
+            )
+        out += [
+            "**KiB saved for backward against forward iterations** "
+            "(FixedPoint, `tol = 0`, gaussian)",
+            "",
+            table(["contender", *(f"{k} iterations" for k in iterations)], lines),
+            "",
+        ]
+        if image:
+            out += [f"![DEQ memory against iterations](img/{image})", ""]
+        return out
+
+    return section(
+        "Deep equilibrium models, against torchdeq",
         "`benchmarks/deq.py`: `z = tanh(W z + U x + b)`, hidden size 256, batch 64, float32, "
         "with `W` Gaussian (an easy fixed point) or orthogonal (a hard one), each at spectral "
         "norm 0.9. Errors are against a dense float64 implicit gradient per sample. The "
-        "script's docstring lists how the stopping rules of the two libraries were matched."
+        "script's docstring lists how the stopping rules of the two libraries were matched.",
+        run,
+        body,
     )
-    out.append("")
-    if run.failed:
-        return "\n".join(out) + "\n" + failure(run)
-    meta = run.data["meta"]
-    torchdeq = meta["torchdeq"] or "not installed: its rows are skipped"
-    out.append(
-        f"torchdeq: {torchdeq}. Median of {meta['repeats']} repeats, {meta['threads']} threads."
-    )
-    out.append("")
-    for problem in dict.fromkeys(r["problem"] for r in run.data["forward"]):
-        for tol in dict.fromkeys(r["tol"] for r in run.data["forward"]):
-            forward = [r for r in run.data["forward"] if (r["problem"], r["tol"]) == (problem, tol)]
-            lines = [
-                [r["contender"].replace("ours   ", "ours "), r["fwd_evals"], r["bwd_vjps"]]
-                + [sci(r["rel_res"]), sci(r["grad_err"]), ms(r["fwd_ms"]), ms(r["total_ms"])]
-                for r in forward
-            ]
-            header = ["forward + adjoint solver", "fwd evals", "bwd VJPs", "rel. residual"]
-            header += ["grad err", "fwd ms", "fwd+bwd ms"]
-            out += [f"**{problem}, tol {tol:g}: forward solvers**", "", table(header, lines), ""]
-            backward = [
-                r for r in run.data["backward"] if (r["problem"], r["tol"]) == (problem, tol)
-            ]
-            lines = [
-                [r["contender"].replace("ours   ", "ours "), r["fwd_evals"], r["bwd_evals"]]
-                + [r["bwd_vjps"], sci(r["grad_err"]), ms(r["total_ms"]), f"{r['saved'] / 1024:.0f}"]
-                for r in backward
-            ]
-            header = ["backward mode", "fwd evals", "bwd evals", "bwd VJPs", "grad err"]
-            header += ["fwd+bwd ms", "KiB saved"]
-            out += [f"**{problem}, tol {tol:g}: backward modes**", "", table(header, lines), ""]
-    memory = run.data["memory"]
-    iterations = list(dict.fromkeys(r["iterations"] for r in memory))
-    lines = []
-    for contender in dict.fromkeys(r["contender"] for r in memory):
-        saved = {r["iterations"]: r["saved"] for r in memory if r["contender"] == contender}
-        lines.append(
-            [contender.replace("ours   ", "ours "), *(f"{saved[k] / 1024:.0f}" for k in iterations)]
-        )
-    out += [
-        "**KiB saved for backward against forward iterations** (FixedPoint, `tol = 0`, gaussian)",
-        "",
-        table(["contender", *(f"{k} iterations" for k in iterations)], lines),
-        "",
-    ]
-    if image:
-        out += [f"![DEQ memory against iterations](img/{image})", ""]
-    out.append(raw(run))
-    return "\n".join(out)
 
 
 def unroll_section(run: Run, image: str | None) -> str:
-    out = ["## Unrolling: memory and time of the three modes", ""]
-    out.append(
+    def body() -> list[str]:
+        out: list[str] = []
+        rows = run.data["rows"]
+        full = {(r["problem"], r["steps"]): r["ms"] for r in rows if r["mode"] == "Full"}
+        lines = [
+            [
+                r["problem"],
+                r["steps"],
+                r["mode"],
+                f"{r['kept'] / 2**20:.3f}",
+                f"{r['peak'] / 2**20:.3f}",
+            ]
+            + [f"{r['ms']:.1f}", f"{r['ms'] / full[r['problem'], r['steps']]:.2f}"]
+            for r in rows
+        ]
+        header = ["problem", "T", "mode", "kept MiB", "peak MiB", "ms", "time / Full"]
+        out += [table(header, lines, "lrlrrrr"), ""]
+        if image:
+            out += [f"![unroll memory against T](img/{image})", ""]
+        return out
+
+    return section(
+        "Unrolling: memory and time of the three modes",
         "`benchmarks/unroll_memory.py`: one hypergradient with respect to the learning rate, "
         "momentum and weight decay of SGD with momentum 0.9, by `unroll`. Memory is what "
         "autograd saves for backward (one count per storage, the data not counted): kept "
-        "between forward and backward, and the peak."
+        "between forward and backward, and the peak.",
+        run,
+        body,
     )
-    out.append("")
-    if run.failed:
-        return "\n".join(out) + "\n" + failure(run)
-    rows = run.data["rows"]
-    full = {(r["problem"], r["steps"]): r["ms"] for r in rows if r["mode"] == "Full"}
-    lines = [
-        [
-            r["problem"],
-            r["steps"],
-            r["mode"],
-            f"{r['kept'] / 2**20:.3f}",
-            f"{r['peak'] / 2**20:.3f}",
-        ]
-        + [f"{r['ms']:.1f}", f"{r['ms'] / full[r['problem'], r['steps']]:.2f}"]
-        for r in rows
-    ]
-    header = ["problem", "T", "mode", "kept MiB", "peak MiB", "ms", "time / Full"]
-    out += [table(header, lines, "lrlrrrr"), ""]
-    if image:
-        out += [f"![unroll memory against T](img/{image})", ""]
-    out.append(raw(run))
-    return "\n".join(out)
 
 
 def hd_section(run: Run, image: str | None, epochs: int) -> str:
-    out = ["## Hypergradient descent: SGDHD and AdamHD", ""]
-    out.append(
+    def body() -> list[str]:
+        out: list[str] = []
+        data = run.data
+        meta = data["meta"]
+        beta = ", ".join(f"{k} {v:g}" for k, v in meta["hypergrad_lr"].items())
+        out.append(f"{meta['epochs']} epochs; `hypergrad_lr`: {beta}.")
+        out.append("")
+        lines = [
+            [r["model"], r["optimizer"], f"{r['lr0']:g}", f"{r['loss']:.3g}", sci(r["final_lr"], 2)]
+            + [f"{r['untuned_loss']:.3g}", f"{r['tuned_loss']:.3g} (lr {r['tuned_lr']:g})"]
+            + [f"{r['loss'] / r['tuned_loss']:.2f}"]
+            for r in data["hd"]
+        ]
+        header = ["model", "optimizer", "lr0", "HD loss", "final lr", "plain, same lr0"]
+        header += ["plain, tuned lr", "HD / tuned"]
+        out += [table(header, lines, "llrrrrrr"), ""]
+        lines = [
+            [r["optimizer"], f"{r['step_us']:.0f}", f"{r['iteration_us']:.0f}"]
+            for r in data["step_times"]
+        ]
+        out += ["**Time per step** (MLP, one thread)", ""]
+        out += [table(["optimizer", "step() us", "whole iteration us"], lines), ""]
+        if image:
+            out.append(
+                f"The learning rate after each step, from the same training ({epochs} epochs, "
+                "seed 0); the dashed line is the best learning rate of the plain optimizer's grid."
+            )
+            out += ["", f"![learning-rate curves](img/{image})", ""]
+        return out
+
+    return section(
+        "Hypergradient descent: SGDHD and AdamHD",
         "`benchmarks/hypergradient_descent.py`: a logistic regression and an MLP on "
         "scikit-learn's digits, minibatches of 128, seed 0. The baselines are plain SGD and "
         "Adam over a grid of learning rates; the HD variants start from `lr0` in "
-        "{0, 1e-3, 1e-2}. Losses are the final full-training-set losses."
+        "{0, 1e-3, 1e-2}. Losses are the final full-training-set losses.",
+        run,
+        body,
     )
-    out.append("")
-    if run.failed:
-        return "\n".join(out) + "\n" + failure(run)
-    data = run.data
-    meta = data["meta"]
-    beta = ", ".join(f"{k} {v:g}" for k, v in meta["hypergrad_lr"].items())
-    out.append(f"{meta['epochs']} epochs; `hypergrad_lr`: {beta}.")
-    out.append("")
-    lines = [
-        [r["model"], r["optimizer"], f"{r['lr0']:g}", f"{r['loss']:.3g}", sci(r["final_lr"], 2)]
-        + [f"{r['untuned_loss']:.3g}", f"{r['tuned_loss']:.3g} (lr {r['tuned_lr']:g})"]
-        + [f"{r['loss'] / r['tuned_loss']:.2f}"]
-        for r in data["hd"]
-    ]
-    header = ["model", "optimizer", "lr0", "HD loss", "final lr", "plain, same lr0"]
-    header += ["plain, tuned lr", "HD / tuned"]
-    out += [table(header, lines, "llrrrrrr"), ""]
-    lines = [
-        [r["optimizer"], f"{r['step_us']:.0f}", f"{r['iteration_us']:.0f}"]
-        for r in data["step_times"]
-    ]
-    out += ["**Time per step** (MLP, one thread)", ""]
-    out += [table(["optimizer", "step() us", "whole iteration us"], lines), ""]
-    if image:
-        out.append(
-            f"The learning rate after each step, from the same training ({epochs} epochs, "
-            "seed 0); the dashed line is the best learning rate of the plain optimizer's grid."
-        )
-        out += ["", f"![learning-rate curves](img/{image})", ""]
-    out.append(raw(run))
-    return "\n".join(out)
 
 
 def gpu_section(rows: list[dict] | None, error: str | None) -> str:
