@@ -321,6 +321,28 @@ def measure(problem: Problem, contenders: dict[str, Callable], repeats: int, for
 
 # --- tables ---------------------------------------------------------------------------------
 
+Column = tuple[str, int, Callable[[Result], str]]  # name, width, the cell of a result
+
+
+def print_rows(
+    kind: str,
+    problem: Problem,
+    tol: float,
+    results: dict[str, Result],
+    label_width: int,
+    columns: list[Column],
+) -> None:
+    """Print ``results`` as a table under ``columns``, and keep them in ``ROWS[kind]``."""
+    header = f"{'contender':{label_width}}" + "".join(f"{n:>{w}}" for n, w, _ in columns)
+    print(header)
+    print("-" * len(header))
+    for label, r in results.items():
+        ROWS[kind].append(
+            dict(problem=problem.name, tol=tol, contender=label) | dataclasses.asdict(r)
+        )
+        print(f"{label:{label_width}}" + "".join(f"{cell(r):>{w}}" for _, w, cell in columns))
+
+
 FORWARD_PAIRS = [  # (our solver, torchdeq's name)
     (FixedPoint, "fixed_point_iter"),
     (Anderson, "anderson"),
@@ -345,18 +367,16 @@ def forward_table(problem: Problem, tol: float, repeats: int) -> None:
         f"\n[{problem.name}] forward solvers at tol {tol:.0e}; backward: the same solver on "
         "u = J^T u + g, same tol"
     )
-    columns = ("contender", "fwd evals", "bwd VJPs", "rel res", "z err", "grad err", "fwd ms")
-    header = f"{columns[0]:58}" + "".join(f"{c:>10}" for c in columns[1:]) + f"{'fwd+bwd ms':>12}"
-    print(header)
-    print("-" * len(header))
-    for label, r in results.items():
-        ROWS["forward"].append(
-            dict(problem=problem.name, tol=tol, contender=label) | dataclasses.asdict(r)
-        )
-        print(
-            f"{label:58}{r.fwd_evals:>10}{r.bwd_vjps:>10}{r.rel_res:>10.1e}{r.z_err:>10.1e}"
-            f"{r.grad_err:>10.1e}{r.fwd_ms:>10.2f}{r.total_ms:>12.2f}"
-        )
+    columns = [
+        ("fwd evals", 10, lambda r: f"{r.fwd_evals}"),
+        ("bwd VJPs", 10, lambda r: f"{r.bwd_vjps}"),
+        ("rel res", 10, lambda r: f"{r.rel_res:.1e}"),
+        ("z err", 10, lambda r: f"{r.z_err:.1e}"),
+        ("grad err", 10, lambda r: f"{r.grad_err:.1e}"),
+        ("fwd ms", 10, lambda r: f"{r.fwd_ms:.2f}"),
+        ("fwd+bwd ms", 12, lambda r: f"{r.total_ms:.2f}"),
+    ]
+    print_rows("forward", problem, tol, results, 58, columns)
 
 
 def backward_table(problem: Problem, tol: float, repeats: int) -> None:
@@ -387,18 +407,15 @@ def backward_table(problem: Problem, tol: float, repeats: int) -> None:
     contenders["autograd fixed-point loop"] = autograd_loop(problem, tol, MAX_ITER)
     results = measure(problem, contenders, repeats, forward_too=False)
     print(f"\n[{problem.name}] backward modes at tol {tol:.0e}; forward: Anderson, same tol")
-    columns = ("contender", "fwd evals", "bwd evals", "bwd VJPs", "grad err", "fwd+bwd ms")
-    header = f"{columns[0]:34}" + "".join(f"{c:>11}" for c in columns[1:]) + f"{'saved KiB':>11}"
-    print(header)
-    print("-" * len(header))
-    for label, r in results.items():
-        ROWS["backward"].append(
-            dict(problem=problem.name, tol=tol, contender=label) | dataclasses.asdict(r)
-        )
-        print(
-            f"{label:34}{r.fwd_evals:>11}{r.bwd_evals:>11}{r.bwd_vjps:>11}{r.grad_err:>11.1e}"
-            f"{r.total_ms:>11.2f}{r.saved / 1024:>11.0f}"
-        )
+    columns = [
+        ("fwd evals", 11, lambda r: f"{r.fwd_evals}"),
+        ("bwd evals", 11, lambda r: f"{r.bwd_evals}"),
+        ("bwd VJPs", 11, lambda r: f"{r.bwd_vjps}"),
+        ("grad err", 11, lambda r: f"{r.grad_err:.1e}"),
+        ("fwd+bwd ms", 11, lambda r: f"{r.total_ms:.2f}"),
+        ("saved KiB", 11, lambda r: f"{r.saved / 1024:.0f}"),
+    ]
+    print_rows("backward", problem, tol, results, 34, columns)
 
 
 def memory_table(problem: Problem, iterations: list[int]) -> None:
