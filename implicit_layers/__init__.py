@@ -2,22 +2,32 @@
 
 ``fixed_point_layer(Phi, solver=..., backward=...)`` returns a layer whose output ``w*`` solves
 ``w* = Phi(w*, *params)`` and whose backward solves one linear system at ``w*`` instead of
-backpropagating through the iterations.
+backpropagating through the iterations; ``argmin_layer`` and ``root_layer`` do the same for
+``w* = argmin f(w*, *params)`` and ``F(w*, *params) = 0``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._argmin_layer import ArgminLayer, argmin_layer
 from ._bilevel import BilevelLog, BilevelTrainer
-from ._fixed_point_layer import FixedPointLayer, fixed_point_layer
-from ._forward import Anderson, Broyden, FixedPoint, ForwardSolver
+from ._forward import Anderson, Broyden, FixedPoint, ForwardSolver, Newton
 from ._functional_optim import FunctionalOptimizer, adam, gradient_step, sgd
 from ._hypergradient import FiniteDifference, HypergradientMethod, StochasticAID, hypergradient
-from ._implicit_layer import ImplicitLayer, SolveInfo
+from ._layers import (
+    ArgminLayer,
+    FixedPointLayer,
+    ImplicitLayer,
+    JacobianFree,
+    Phantom,
+    RootLayer,
+    Unrolled,
+    argmin_layer,
+    fixed_point_layer,
+    root_layer,
+)
 from ._linear import CG, GMRES, BiCGSTAB, Direct, LinearSolver, Neumann, NormalCG, Nystrom
 from ._minimize import LBFGS, GradientDescent, Minimizer
 from ._operator import FunctionOperator, LinearOperator, MatrixOperator
-from ._records import ConvergenceError, ConvergenceWarning, SolveRecord, Status
+from ._records import ConvergenceError, ConvergenceWarning, SolveInfo, SolveRecord, Status
 from ._unroll import Full, Recompute, Truncated, UnrollMode, unroll
 
 try:
@@ -30,6 +40,11 @@ __all__ = [
     "FixedPointLayer",
     "ImplicitLayer",
     "argmin_layer",
+    "root_layer",
+    "RootLayer",
+    "Phantom",
+    "JacobianFree",
+    "Unrolled",
     "hypergradient",
     "HypergradientMethod",
     "FiniteDifference",
@@ -54,6 +69,7 @@ __all__ = [
     "FixedPoint",
     "Anderson",
     "Broyden",
+    "Newton",
     "LinearSolver",
     "CG",
     "GMRES",

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._argmin_layer import DEFAULT_HESSIAN_SOLVER
 from ._hypergradient import HypergradientMethod, hypergradient_and_loss
+from ._layers.argmin import DEFAULT_HESSIAN_SOLVER
 from ._linear import LinearSolver
 from ._records import OnFailure, SolveRecord
 from ._tree import tree_flatten, tree_unflatten

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from ._argmin_layer import DEFAULT_HESSIAN_SOLVER, _scalar, gradient_residual
-from ._implicit import ImplicitOperator, ResidualGraph
-from ._linear import LinearSolver, as_linear_solver
+from ._layers import implicit_solver
+from ._layers._residual import ROOT, ImplicitOperator, ResidualGraph
+from ._layers.argmin import DEFAULT_HESSIAN_SOLVER, _scalar, gradient_residual
+from ._linear import LinearSolver
 from ._options import check_in_interval, check_positive_int, options
 from ._records import OnFailure, SolveRecord, Status, relative, report, unmeasured_record
 from ._tree import FlatSpace, TreeSpec, tree_flatten, tree_unflatten
@@ -86,7 +87,7 @@ def hypergradient_and_loss(
         implicit, record = method.implicit_term(inner, b)
     else:
         graph = inner.graph()
-        x, record = as_linear_solver(method).solve(ImplicitOperator(graph), b)
+        x, record = implicit_solver(method).solve(ImplicitOperator(graph), b)
         implicit = graph.param_grads(x)
     report(record, "hypergradient", on_failure)
     total = [d + i for d, i in zip(direct, implicit)]
@@ -113,7 +114,7 @@ class InnerProblem:
             self.w,
             self.lam,
             [True] * len(self.lam),
-            identity_minus=False,
+            ROOT,
         )
 
     def lam_gradient(self, w: torch.Tensor) -> list[torch.Tensor]:

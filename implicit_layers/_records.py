@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 import warnings
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "Status",
     "SolveRecord",
+    "SolveInfo",
+    "LatestRecords",
     "ConvergenceWarning",
     "ConvergenceError",
     "OnFailure",
@@ -100,6 +103,40 @@ class SolveRecord:
             f"{self.method}: {self.status.value}; {self.iterations} iterations, "
             f"{self.products} products, relative residual {self.relative_residual:.3e}{tolerance}"
         )
+
+
+@dataclass
+class SolveInfo:
+    """The records of one call of a layer: ``forward`` at once, ``backward`` once it has run
+    (the latest, if the graph is differentiated more than once). A backward run with
+    ``create_graph=True`` is itself a layer call: ``adjoint`` holds its info, whose
+    ``backward`` is the second-order solve. ``tangent`` is the solve of a forward-mode
+    derivative (``torch.func.jvp``, ``jacfwd``)."""
+
+    forward: SolveRecord | None = None
+    backward: SolveRecord | None = None
+    adjoint: SolveInfo | None = None
+    tangent: SolveRecord | None = None
+
+
+class LatestRecords(threading.local):
+    """A layer's latest records, one set per thread: a thread reads the records of its own
+    latest call, whatever other threads run on the same layer. Also the thread's warm start
+    of the backward solve (``previous_backward``).
+
+    A copy (``copy.deepcopy`` of a model, pickling) starts with no records."""
+
+    def __init__(self) -> None:
+        self.forward: SolveRecord | None = None
+        self.backward: SolveRecord | None = None
+        self.tangent: SolveRecord | None = None
+        self.previous_backward: Any = None
+
+    def __deepcopy__(self, memo: dict) -> LatestRecords:
+        return LatestRecords()
+
+    def __reduce__(self) -> tuple:
+        return (LatestRecords, ())
 
 
 def relative(residual: float, scale: float) -> float:

@@ -81,10 +81,13 @@ class FlatSpace:
 
     Iterative solvers work on flat vectors; this class converts both ways and checks that a tree
     (say, Phi's output) has the structure, shapes, dtype and device of the template tree ``w0``.
-    A single tensor is flattened without a copy.
+    A single tensor is flattened without a copy. With ``per_sample=True`` every leaf has a batch
+    of ``rows`` independent samples in its first dimension, and the flat vector holds sample
+    after sample (each sample's part of every leaf together), so that a ``(rows, n)`` view of it
+    has one sample a row; otherwise ``rows`` is None.
     """
 
-    def __init__(self, template: Any, name: str = "w0"):
+    def __init__(self, template: Any, name: str = "w0", per_sample: bool = False):
         leaves, self.spec = tree_flatten(template)
         if not leaves:
             raise TypeError(
@@ -118,6 +121,11 @@ class FlatSpace:
         self.device = first.device
         # a single 1-D tensor is its own flat vector: no view on the hot path of every product
         self._is_flat = len(self.shapes) == 1 and len(self.shapes[0]) == 1
+        self.rows: int | None = _batch_size(leaves, name) if per_sample else None
+        # several leaves, by sample: each sample's part of each leaf, side by side in a row
+        self._by_sample = self.rows is not None and len(leaves) > 1
+        if self._by_sample:
+            self._row_numels = [numel // self.rows for numel in self.numels] if self.rows else []
 
     def flatten(self, tree: Any) -> torch.Tensor:
         return self.flatten_leaves(tree_flatten(tree)[0])
@@ -127,6 +135,8 @@ class FlatSpace:
             return leaves[0]
         if len(leaves) == 1:
             return leaves[0].reshape(-1)
+        if self._by_sample:
+            return torch.cat([leaf.reshape(self.rows, -1) for leaf in leaves], dim=1).reshape(-1)
         return torch.cat([leaf.reshape(-1) for leaf in leaves])
 
     def unflatten_leaves(self, vector: torch.Tensor) -> list[torch.Tensor]:
@@ -134,6 +144,9 @@ class FlatSpace:
             return [vector]
         if len(self.shapes) == 1:
             return [vector.view(self.shapes[0])]
+        if self._by_sample:
+            parts = vector.view(self.rows, -1).split(self._row_numels, dim=1)
+            return [part.reshape(shape) for part, shape in zip(parts, self.shapes)]
         return [part.view(shape) for part, shape in zip(vector.split(self.numels), self.shapes)]
 
     def unflatten(self, vector: torch.Tensor) -> Any:
@@ -171,6 +184,18 @@ class FlatSpace:
                     f"got {leaf.device}."
                 )
         return leaves
+
+
+def _batch_size(leaves: Sequence[torch.Tensor], name: str) -> int:
+    """The batch size every leaf has in its first dimension (``per_sample=True``)."""
+    sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+    if None in sizes or len(sizes) != 1:
+        shapes = [tuple(leaf.shape) for leaf in leaves]
+        raise ValueError(
+            f"`{name}` must have the batch of samples in the first dimension of every leaf "
+            f"(per-sample solves), one size for all; got leaf shapes {shapes}."
+        )
+    return sizes.pop()
 
 
 def _autocasting(tensor: torch.Tensor) -> bool:

@@ -355,8 +355,8 @@ def test_two_layers_and_one_layer_twice_in_one_graph():
 
 
 def test_one_layer_called_from_two_threads():
-    """Each thread gets its own gradient and its own per-call records; ``last_forward`` and
-    ``last_backward`` are whichever call wrote last (a convenience, not per thread)."""
+    """Each thread gets its own gradient, its own per-call records, and reads its own latest
+    call's records in ``last_forward`` and ``last_backward`` (they are per thread)."""
     n, rounds = 32, 4
     A = contraction(n, 1.0, 4)
 
@@ -375,6 +375,7 @@ def test_one_layer_called_from_two_threads():
         lam = lam0.clone().requires_grad_()
         w, info = layer.solve(torch.zeros(n, dtype=f64), rho, lam)
         (w @ g).backward()
+        assert layer.last_forward is info.forward and layer.last_backward is info.backward
         return lam.grad, info
 
     expected = [run(*job) for job in jobs]
@@ -398,16 +399,14 @@ def test_one_layer_called_from_two_threads():
     for thread in threads:
         thread.join()
     assert not errors, errors
-    infos = []
     for index, (grad, info) in enumerate(expected):
         assert len(results[index]) == rounds
         for got_grad, got_info in results[index]:
             torch.testing.assert_close(got_grad, grad, rtol=1e-10, atol=1e-12)
             assert got_info.forward.iterations == info.forward.iterations
             assert got_info.backward.products == info.backward.products
-            infos.append(got_info)
-    assert any(layer.last_forward is info.forward for info in infos)
-    assert any(layer.last_backward is info.backward for info in infos)
+    assert layer.last_forward is expected[1][1].forward  # the main thread's own latest call
+    assert layer.last_backward is expected[1][1].backward
 
 
 def test_layer_keeps_no_reference_to_a_call():
@@ -424,11 +423,12 @@ def test_layer_keeps_no_reference_to_a_call():
         gc.collect()
         assert all(ref() is None for ref in refs)
         held = [value for value in vars(layer).values() if isinstance(value, torch.Tensor)]
-        if warm_start:  # by design: the previous backward solution, detached
-            assert len(held) == 1 and held[0] is layer._previous_backward
-            assert not held[0].requires_grad and held[0].shape == g.shape
+        assert held == []
+        previous = layer._latest.previous_backward  # this thread's, by design, detached
+        if warm_start:
+            assert not previous.requires_grad and previous.shape == g.shape
         else:
-            assert held == []
+            assert previous is None
 
 
 def test_kept_output_does_not_keep_its_inputs_after_backward():

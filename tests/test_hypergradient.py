@@ -21,7 +21,7 @@ from implicit_layers import (
     argmin_layer,
     hypergradient,
 )
-from implicit_layers._implicit import ImplicitOperator, ResidualGraph
+from implicit_layers._layers._residual import FIXED_POINT, ROOT, ImplicitOperator, ResidualGraph
 from implicit_layers._operator import CountingOperator
 from implicit_layers._tree import FlatSpace
 
@@ -213,8 +213,8 @@ def test_hypergradient_method_options_are_checked():
         StochasticAID(steps=0)
 
 
-@pytest.mark.parametrize("identity_minus", [False, True], ids=["argmin", "fixed point"])
-def test_a_batched_product_is_the_dense_transposed_jacobian_times_the_columns(identity_minus):
+@pytest.mark.parametrize("form", [ROOT, FIXED_POINT], ids=["argmin", "fixed point"])
+def test_a_batched_product_is_the_dense_transposed_jacobian_times_the_columns(form):
     """``ImplicitOperator.mm``: ``F_w^T V`` in one vectorised backward pass, on a pytree ``w``,
     for ``F = G`` (argmin) and ``F = w - G`` (fixed point); ``m`` columns count ``m``."""
     generator = torch.Generator().manual_seed(0)
@@ -227,12 +227,12 @@ def test_a_batched_product_is_the_dense_transposed_jacobian_times_the_columns(id
 
     space = FlatSpace({"a": torch.zeros(2, dtype=f64), "b": torch.zeros(3, dtype=f64)})
     w = torch.randn(5, generator=generator, dtype=f64)
-    graph = ResidualGraph(residual, space, tuple, w, [lam], [True], identity_minus)
+    graph = ResidualGraph(residual, space, tuple, w, [lam], [True], form)
     operator = CountingOperator(ImplicitOperator(graph))
     V = torch.randn(5, 4, generator=generator, dtype=f64)
     batched = operator.mm(V)
     J = torch.func.jacrev(lambda v: torch.cat(residual(space.unflatten(v), lam)))(w)
-    F_w = torch.eye(5, dtype=f64) - J if identity_minus else J
+    F_w = torch.eye(5, dtype=f64) - J if form is FIXED_POINT else J
     assert torch.allclose(batched, F_w.T @ V, rtol=1e-12, atol=1e-14)
     assert torch.allclose(batched, torch.stack([operator.mv(v) for v in V.T], dim=1))
     assert operator.products == 4 + 4

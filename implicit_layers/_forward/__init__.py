@@ -4,6 +4,7 @@ from ._base import ForwardSolver, IterativeForwardSolver, UserForwardSolver, as_
 from .anderson import Anderson
 from .broyden import Broyden
 from .fixed_point import FixedPoint
+from .newton import Newton
 
 __all__ = [
     "ForwardSolver",
@@ -13,4 +14,5 @@ __all__ = [
     "Anderson",
     "Broyden",
     "FixedPoint",
+    "Newton",
 ]

@@ -96,15 +96,14 @@ class IterativeForwardSolver(IterativeMethod, ForwardSolver):
 
     def _run(self, f, w0):
         if w0.ndim == 2:
-            return self._iterate(self._start(f, w0), products=lambda: f.evaluations)
-        w, record = self._iterate(
-            self._start(lambda rows: f(rows[0]).unsqueeze(0), w0.unsqueeze(0)),
-            products=lambda: f.evaluations,
-        )
+            state = self._start(f, w0)
+            return self._iterate(state, products=lambda: f.evaluations + state.jacobian_products)
+        state = self._start(lambda rows: f(rows[0]).unsqueeze(0), w0.unsqueeze(0))
+        w, record = self._iterate(state, products=lambda: f.evaluations + state.jacobian_products)
         return w[0], record.without_rows()
 
     @abc.abstractmethod
-    def _start(self, f: Map, w0: torch.Tensor) -> IterationState:
+    def _start(self, f: Map, w0: torch.Tensor) -> RowState:
         """The state of a run on the rows ``w0`` (``(batch, n)``); each step evaluates ``f``
         once, on every row."""
 
@@ -119,6 +118,8 @@ class RowState(IterationState):
     that ``refines`` tracks a row from when it converged (:meth:`settle`) while stepping it on.
     A frozen row stays at its iterate and returns the point offered when it froze.
     """
+
+    jacobian_products = 0  # products with J besides the evaluations of f (Newton's)
 
     def __init__(self, w0: torch.Tensor, solver: IterativeForwardSolver):
         self.final_step, self.refines = solver.final_step, solver.refine
@@ -209,10 +210,15 @@ class UserForwardSolver(UserCallable, ForwardSolver):
     row's in ``sample_residuals``.
     """
 
+    def __init__(self, function: Callable, space: FlatSpace, handed: Map | None = None):
+        super().__init__(function, space)
+        self.handed = handed
+
     def _run(self, f, w0):
         space, shape = self.space, w0.shape
         flat = (lambda v: f(v.view(shape)).reshape(-1)) if w0.ndim == 2 else f
-        w = self._solve_on_tree(lambda w: space.unflatten(flat(space.flatten(w))), w0.reshape(-1))
+        given = self.handed or flat
+        w = self._solve_on_tree(lambda w: space.unflatten(given(space.flatten(w))), w0.reshape(-1))
         w = w.view(shape)
         made = f.evaluations
         rows = (f(w) - w, w) if w0.ndim == 2 else ((f(w) - w)[None], w[None])
@@ -231,11 +237,15 @@ class UserForwardSolver(UserCallable, ForwardSolver):
         return w, record
 
 
-def as_forward_solver(solver: ForwardSolver | Callable, space: FlatSpace) -> ForwardSolver:
+def as_forward_solver(
+    solver: ForwardSolver | Callable, space: FlatSpace, handed: Map | None = None
+) -> ForwardSolver:
+    """The forward solver ``solver`` is, or a user callable wrapped as one; ``handed`` is the
+    flat function a callable is given on the user's tree (default: the map ``f`` itself)."""
     if isinstance(solver, ForwardSolver):
         return solver
     if callable(solver):
-        return UserForwardSolver(solver, space)
+        return UserForwardSolver(solver, space, handed)
     raise TypeError(
         "`solver` must be a forward solver (FixedPoint(), Anderson()) or a callable "
         f"(f, w0) -> w; got {type(solver).__name__}."

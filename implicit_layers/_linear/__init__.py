@@ -1,6 +1,6 @@
 """Backward linear solvers: one method per module, all built on :mod:`._base`."""
 
-from ._base import IterativeLinearSolver, LinearSolver, UserLinearSolver, as_linear_solver
+from ._base import IterativeLinearSolver, LinearSolver, UserLinearSolver
 from .bicgstab import BiCGSTAB
 from .cg import CG
 from .direct import Direct
@@ -13,7 +13,6 @@ __all__ = [
     "LinearSolver",
     "IterativeLinearSolver",
     "UserLinearSolver",
-    "as_linear_solver",
     "BiCGSTAB",
     "CG",
     "Direct",

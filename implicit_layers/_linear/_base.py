@@ -18,7 +18,6 @@ __all__ = [
     "LinearSolver",
     "IterativeLinearSolver",
     "UserLinearSolver",
-    "as_linear_solver",
     "with_rows",
 ]
 
@@ -178,25 +177,6 @@ def check_preconditioner(solver: LinearSolver) -> None:
             f"{type(solver).__name__}: `preconditioner` must be a callable r -> M r with "
             f"M ~ A^-1, or None; got {type(preconditioner).__name__}."
         )
-
-
-def as_linear_solver(solver: LinearSolver | Callable) -> LinearSolver:
-    """A :class:`LinearSolver` from a solver object, an iterative forward solver (run on the
-    fixed point ``x = b + (I - A) x``) or a callable ``(matvec, b) -> x``."""
-    from .._forward import IterativeForwardSolver
-    from .fixed_point_iteration import FixedPointIteration
-
-    if isinstance(solver, LinearSolver):
-        return solver
-    if isinstance(solver, IterativeForwardSolver):
-        return FixedPointIteration(solver)
-    if callable(solver):
-        return UserLinearSolver(solver)
-    raise TypeError(
-        "`backward` must be a linear solver (GMRES(), CG(), ...), an iterative forward solver "
-        "(Anderson(), Broyden(), FixedPoint()) or a callable "
-        f"(matvec, b) -> x; got {type(solver).__name__}."
-    )
 
 
 def _check_vector(vector, name: str, like: torch.Tensor | None = None) -> None:

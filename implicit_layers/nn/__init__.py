@@ -1,7 +1,7 @@
-"""Modules built on implicit layers: the deep equilibrium model :class:`DEQ` and the ways to
-differentiate it that are not an implicit linear solve."""
+"""Modules built on implicit layers: the deep equilibrium model :class:`DEQ`. ``Phantom``,
+``JacobianFree`` and ``Unrolled`` are the top-level names, kept here as aliases."""
 
+from .._layers import JacobianFree, Phantom, Unrolled
 from ._deq import DEQ
-from ._differentiation import JacobianFree, Phantom, Unrolled
 
 __all__ = ["DEQ", "Phantom", "JacobianFree", "Unrolled"]

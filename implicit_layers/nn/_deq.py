@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .._fixed_point_layer import FixedPointLayer
-from .._forward import Anderson, ForwardSolver, as_forward_solver
-from .._implicit_layer import poisoned_if_nonfinite
-from .._linear import GMRES, LinearSolver
-from .._records import OnFailure, report
-from .._tree import FlatSpace
-from ._differentiation import Phantom, Unrolled
+from .._forward import Anderson, ForwardSolver
+from .._layers import FixedPointEquation, FixedPointLayer
+from .._linear import GMRES
+from .._records import OnFailure
+from .._tree import FlatSpace, tree_flatten, tree_unflatten
 
 __all__ = ["DEQ"]
 
-Backward = LinearSolver | ForwardSolver | Phantom | Unrolled | Callable
 DEFAULT_SOLVER = Anderson()
 DEFAULT_BACKWARD = GMRES()
 
@@ -65,117 +63,95 @@ class DEQ(FixedPointLayer):
     (torch.Size([3, 4]), torch.Size([4, 4]), 'GMRES')
     """
 
-    _function_name = "cell"
-    _start_name = "z0"
-
     def __init__(
         self,
-        cell: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        cell: Callable[..., Any],
         solver: ForwardSolver | Callable = DEFAULT_SOLVER,
-        backward: Backward = DEFAULT_BACKWARD,
+        backward: Any = DEFAULT_BACKWARD,
         *,
-        z_init: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        z_init: Callable[[Any], Any] | None = None,
         on_failure: OnFailure = "warn",
         warm_start: bool = False,
     ):
-        self._mode = backward if isinstance(backward, (Phantom, Unrolled)) else None
         super().__init__(
             cell,
-            solver=solver,
-            backward=DEFAULT_BACKWARD if self._mode is not None else backward,
-            on_failure=on_failure,
-            warm_start=warm_start,
+            solver,
+            backward,
+            on_failure,
+            warm_start,
+            per_sample=True,
+            equation=FixedPointEquation("cell", "z0", "the cell's output"),
         )
         if z_init is not None and not callable(z_init):
             raise TypeError(f"`z_init` must be a callable x -> z0, got {type(z_init).__name__}.")
         self.z_init = z_init
 
-    def extra_repr(self) -> str:
-        backward = self._mode if self._mode is not None else self.backward_solver
-        return f"solver={self.solver!r}, backward={backward!r}"
+    def forward(self, x: Any, z0: Any = None) -> Any:
+        """``z*`` for the batch ``x``, from ``z0`` (default ``z_init(x)``, or zeros like x).
 
-    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
-        """``z*`` for the batch ``x``, from ``z0`` (default ``z_init(x)``, or zeros like x)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}.")
-        if z0 is None:
-            z0 = torch.zeros_like(x) if self.z_init is None else self.z_init(x)
-        if not isinstance(z0, torch.Tensor) or z0.ndim == 0:
-            raise ValueError(
-                f"`z0` must be a tensor with the batch in its first dimension, got {z0!r:.60}."
+        ``x`` and ``z0`` are tensors or pytrees of tensors, each with the batch first."""
+        leaves = [leaf for leaf in tree_flatten(x)[0] if isinstance(leaf, torch.Tensor)]
+        if not leaves:
+            raise TypeError(
+                f"`x` must be a torch.Tensor or a pytree of tensors, got {type(x).__name__}."
             )
-        if x.ndim > 0 and z0.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"`z0` and `x` must share their batch dimension: z0 has {z0.shape[0]} rows, x "
-                f"{x.shape[0]}."
-            )
-        if self._mode is None:
+        if z0 is not None or self.z_init is not None:
+            z0 = self.z_init(x) if z0 is None else z0
+            _check_batch(z0, leaves)
             return self.solve(z0, x)[0]
-        if isinstance(self._mode, Unrolled):
-            return self._unrolled(z0.detach(), x)
-        return self._phantom(z0.detach(), x)
+        z0 = _zeros_like(x)
+        try:
+            return self.solve(z0, x)[0]
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise ValueError(
+                "DEQ: the solve failed from z0 = zeros_like(x), the default when neither `z0` "
+                "(DEQ.forward(x, z0)) nor `z_init` (DEQ(cell, z_init=...)) is given; if the state "
+                f"z does not have the shape of x, pass one of them. The error: {error}"
+            ) from error
 
-    def _rows(self, space: FlatSpace) -> int:
-        return space.shapes[0][0]
-
-    def _find(self, cell, space, params, w0):
-        rows = self._rows(space)
-        (x,) = params
-
-        def f(z: torch.Tensor) -> torch.Tensor:
-            out = space.check(cell(space.unflatten(z.reshape(-1)), x), "the cell's output")
-            return space.flatten_leaves(out).view(rows, -1)
-
-        z, record = as_forward_solver(self.solver, space).solve(f, w0.view(rows, -1))
-        return z.reshape(-1), record
-
-    def _run_cell(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = self.cell(z, x)
-        FlatSpace(z, "z0").check(out, "the cell's output")
-        return out
-
-    def _solve_without_graph(self, z0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        space = FlatSpace(z0, "z0")
-        with torch.no_grad():
-            z, record = self._find(self.cell, space, (x.detach(),), space.flatten(z0))
-        self.last_forward, self.last_backward = record, None
-        report(record, "forward", self.on_failure)
-        return space.unflatten(poisoned_if_nonfinite(z, record))
-
-    def _phantom(self, z0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        z = self._solve_without_graph(z0, x)
-        damping = self._mode.damping
-        for _ in range(self._mode.steps):
-            z = (
-                (1 - damping) * z + damping * self._run_cell(z, x)
-                if damping < 1
-                else (self._run_cell(z, x))
-            )
-        return z
-
-    def _unrolled(self, z0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        space = FlatSpace(z0, "z0")
-        with torch.enable_grad():
-            z, record = self._find(self.cell, space, (x,), space.flatten(z0))
-        self.last_forward, self.last_backward = record, None
-        report(record, "forward", self.on_failure)
-        return space.unflatten(poisoned_if_nonfinite(z, record))
-
-    def jacobian_penalty(self, z: torch.Tensor, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
+    def jacobian_penalty(self, z: Any, x: Any, samples: int = 1) -> torch.Tensor:
         """A Hutchinson estimate of ``||J||_F^2 / n`` at ``z`` (Bai et al., 2021), differentiable
         in the cell's parameters and ``x``: add ``gamma * penalty`` to the loss to keep the
         equilibrium well conditioned. ``E ||e^T J||^2 = ||J||_F^2`` for ``e ~ N(0, I)``; the
         estimate averages ``samples`` draws and divides by ``n``, the entries of ``z``, so it
         estimates the mean squared singular value of ``J`` (per sample of the batch, averaged).
+        ``z`` may be a pytree, as the state of the DEQ.
         """
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"`samples` must be an int >= 1, got {samples!r}.")
-        z = z.detach().requires_grad_()
+        space = FlatSpace(z, "z", per_sample=True)
+        leaves = [leaf.detach().requires_grad_() for leaf in tree_flatten(z)[0]]
         with torch.enable_grad():
-            out = self._run_cell(z, x)
-            total = out.new_zeros(())
+            out = space.check(self.cell(tree_unflatten(space.spec, leaves), x), "the cell's output")
+            total = out[0].new_zeros(())
             for _ in range(samples):
-                noise = torch.randn_like(out)
-                (vjp,) = torch.autograd.grad(out, z, noise, create_graph=True, retain_graph=True)
-                total = total + vjp.pow(2).sum()
-        return total / (samples * z.numel())
+                noise = [torch.randn_like(leaf) for leaf in out]
+                vjps = torch.autograd.grad(out, leaves, noise, create_graph=True, retain_graph=True)
+                total = total + sum(vjp.pow(2).sum() for vjp in vjps)
+        return total / (samples * space.size)
+
+
+def _zeros_like(x: Any) -> Any:
+    """Zeros shaped like each tensor leaf of ``x`` (the default ``z0``)."""
+    leaves, spec = tree_flatten(x)
+    return tree_unflatten(
+        spec,
+        [torch.zeros_like(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves],
+    )
+
+
+def _check_batch(z0: Any, x_leaves: list[torch.Tensor]) -> None:
+    """``z0`` holds tensors with the batch of ``x`` first."""
+    z_leaves = tree_flatten(z0)[0]
+    if not z_leaves or not all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in z_leaves):
+        raise ValueError(
+            "`z0` must be a tensor, or a pytree of tensors, with the batch in its first "
+            f"dimension; got {z0!r:.60}."
+        )
+    batch = z_leaves[0].shape[0]
+    for leaf in x_leaves:
+        if leaf.ndim > 0 and leaf.shape[0] != batch:
+            raise ValueError(
+                f"`z0` and `x` must share their batch dimension: z0 has {batch} rows, x "
+                f"{leaf.shape[0]}."
+            )

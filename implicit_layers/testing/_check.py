@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .._implicit_layer import ImplicitLayer
+from .._layers import ImplicitLayer
 from .._records import SolveRecord
 from ._report import DirectionCheck, GradientCheck, GradientCheckError
 from ._subject import Subject, floating_leaves, needs_cast

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._implicit_layer import ImplicitLayer
+from .._layers import ImplicitLayer
 from .._records import SolveRecord
 from .._tree import tree_flatten, tree_unflatten
 

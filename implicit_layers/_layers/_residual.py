@@ -1,15 +1,15 @@
 """The backward system of an implicit layer, built from one evaluation of its residual at ``w*``.
 
-An implicit layer's output solves ``F(w*, p) = 0``: ``F = w - Phi(w, p)`` for a fixed point,
-``F = grad_w f(w, p)`` for an argmin. The implicit function theorem gives
+An implicit layer's output solves ``F(w*, p) = 0``. The implicit function theorem gives
 ``dw*/dp = -F_w^{-1} F_p``, so for ``b = dL/dw*``: solve ``F_w^T x = b``, then
-``dL/dp = -F_p^T x``. For a fixed point ``F_w^T = (I - J)^T`` with ``J = dPhi/dw`` and
-``-F_p^T x = (dPhi/dp)^T x``; for an argmin ``F_w`` is the Hessian.
+``dL/dp = -F_p^T x``. The user's function gives ``G``, and a :class:`Form` says how ``F`` is
+made of it: ``F = w - G`` for a fixed point (``G = Phi``, so ``F_w^T = (I - J)^T`` and
+``-F_p^T x = (dPhi/dp)^T x``), ``F = G`` for a root (``G = F``) or an argmin (``G = grad_w f``,
+``F_w`` the Hessian).
 
-:class:`ResidualGraph` evaluates ``G`` once with a graph, where ``F = w - G`` (a fixed point,
-``G = Phi``) or ``F = G`` (an argmin), and serves every vector-Jacobian product from it: the
-identity is applied as a vector subtraction rather than as one more node in every product.
-:class:`ImplicitOperator` is ``A = F_w^T`` for the linear solver.
+:class:`ResidualGraph` evaluates ``G`` once with a graph and serves every vector-Jacobian
+product from it: the identity of a fixed point is applied as a vector subtraction rather than as
+one more node in every product. :class:`ImplicitOperator` is ``A = F_w^T`` for the linear solver.
 """
 
 from __future__ import annotations
@@ -17,22 +17,68 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.autograd.forward_ad as fwAD
-from torch.autograd.graph import _engine_run_backward
 
-from ._graph import foreign_leaves
-from ._operator import LinearOperator
-from ._tree import FlatSpace, tree_unflatten
+from .._compat import retained_vjp
+from .._graph import ForwardProducts, foreign_leaves
+from .._operator import LinearOperator
+from .._tree import FlatSpace, tree_unflatten
 
-__all__ = ["Residual", "ResidualGraph", "ImplicitOperator"]
+__all__ = ["Form", "FIXED_POINT", "ROOT", "Residual", "ResidualGraph", "ImplicitOperator"]
 
 # G(w, *params) -> the leaves of G, matching the leaves of w
 Residual = Callable[..., Sequence[torch.Tensor]]
 
 
+class Form:
+    """How the equation ``F(w, p) = 0`` is made of ``G``, the user's function: the one place
+    where a layer kind's operator and the sign of its parameter gradient are decided."""
+
+    def f_w(self, vector: torch.Tensor, g_w: torch.Tensor) -> torch.Tensor:
+        """A product with ``F_w`` (or its transpose) from the same product with ``G_w``."""
+        raise NotImplementedError
+
+    def minus_f_p(self, g_p: torch.Tensor) -> torch.Tensor:
+        """``-F_p^T x`` from ``G_p^T x`` (and ``-F_p dp`` from ``G_p dp``)."""
+        raise NotImplementedError
+
+    def adjoint(self, b: torch.Tensor, g_w: torch.Tensor) -> torch.Tensor:
+        """``G_adj`` of the adjoint equation ``F_w^T x = b`` in this form, from ``G_w^T x``."""
+        raise NotImplementedError
+
+
+class _FixedPointForm(Form):
+    """``F = w - G``: the adjoint equation is the fixed point ``x = b + G_w^T x``."""
+
+    def f_w(self, vector, g_w):
+        return vector - g_w
+
+    def minus_f_p(self, g_p):
+        return g_p
+
+    def adjoint(self, b, g_w):
+        return b + g_w
+
+
+class _RootForm(Form):
+    """``F = G``: the adjoint equation is the root ``G_w^T x - b = 0``."""
+
+    def f_w(self, vector, g_w):
+        return g_w
+
+    def minus_f_p(self, g_p):
+        return -g_p
+
+    def adjoint(self, b, g_w):
+        return g_w - b
+
+
+FIXED_POINT: Form = _FixedPointForm()
+ROOT: Form = _RootForm()
+
+
 class ResidualGraph:
     """``G`` at ``(w*, params)`` with a graph, built on first use (a zero ``b`` never builds it);
-    ``F = w - G`` when ``identity_minus`` (a fixed point), else ``F = G``.
+    ``F`` is made of ``G`` by ``form``.
 
     ``params`` are the layer's tensor inputs; the graph is built on detached leaves in their
     place (so it stays local), which ``rebuild_params`` turns into the residual's arguments.
@@ -46,12 +92,13 @@ class ResidualGraph:
         w_star: torch.Tensor,
         params: Sequence[torch.Tensor],
         needs_grad: Sequence[bool],
-        identity_minus: bool,
+        form: Form,
     ):
         self.residual, self.space, self.rebuild_params = residual, space, rebuild_params
-        self.identity_minus = identity_minus
+        self.form = form
         self.w_star, self.params, self.needs_grad = w_star, params, needs_grad
         self._built = False
+        self._products: ForwardProducts | None = None
 
     def _w_leaves(self) -> list[torch.Tensor]:
         """Fresh leaves at ``w*`` that require grad (a residual may differentiate in w)."""
@@ -75,14 +122,14 @@ class ResidualGraph:
     def _vjp(self, vector: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``(dF/d inputs)^T vector`` from the one graph; zeros where F does not depend."""
         self._build()
-        grads = _retained_vjp(self.outputs, inputs, self.space.unflatten_leaves(vector))
+        grads = retained_vjp(self.outputs, inputs, self.space.unflatten_leaves(vector))
         return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
     def vjp_w(self, vector: torch.Tensor) -> torch.Tensor:
         """``F_w^T v``: one vector-Jacobian product."""
         self._build()
         product = self.space.flatten_leaves(self._vjp(vector, self.w_vars))
-        return vector - product if self.identity_minus else product
+        return self.form.f_w(vector, product)
 
     def vjp_w_columns(self, matrix: torch.Tensor) -> torch.Tensor:
         """``F_w^T V`` for an ``n x m`` matrix ``V``: ``m`` vector-Jacobian products in one
@@ -92,23 +139,29 @@ class ResidualGraph:
         return torch.func.vmap(self.vjp_w, out_dims=1)(rows)
 
     def jvp_w(self, vector: torch.Tensor) -> torch.Tensor:
-        """``F_w v`` by forward-mode AD: one evaluation of ``F`` with dual numbers."""
-        space = self.space
-        with fwAD.dual_level(), torch.enable_grad():
-            duals = [
-                fwAD.make_dual(leaf, tangent)
-                for leaf, tangent in zip(self._w_leaves(), space.unflatten_leaves(vector))
-            ]
-            params = self.rebuild_params([p.detach() for p in self.params])
-            leaves = self.residual(tree_unflatten(space.spec, duals), *params)
-            tangents = [fwAD.unpack_dual(leaf).tangent for leaf in leaves]
-        product = space.flatten_leaves(
-            [
-                torch.zeros_like(leaf) if t is None else t.detach()
-                for t, leaf in zip(tangents, leaves)
-            ]
+        """``F_w v`` by reverse mode through the same graph (:class:`ForwardProducts`): about
+        two VJPs' work, and no forward-mode rule needed from the user's function."""
+        self._build()
+        product = self._jvp(self.space.unflatten_leaves(vector))
+        return self.form.f_w(vector, product)
+
+    def param_jvp(self, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``G_p dp`` (flat, in the space of ``w``) for the params that need grad, by reverse
+        mode as :meth:`jvp_w`."""
+        self._build()
+        wanted = [tangents[i] for i, need in enumerate(self.needs_grad) if need]
+        return self._jvp([None] * len(self.w_vars) + wanted)
+
+    def _jvp(self, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``sum_k (dG/d input_k) t_k`` over the inputs: ``w``'s leaves, then the params that
+        need grad."""
+        if self._products is None:
+            wanted = [p for p, need in zip(self.param_vars, self.needs_grad) if need]
+            self._products = ForwardProducts(self.outputs, self.w_vars + wanted)
+        products = self._products(tangents)
+        return self.space.flatten_leaves(
+            [torch.zeros_like(w) if g is None else g for g, w in zip(products, self.w_vars)]
         )
-        return vector - product if self.identity_minus else product
 
     def param_grads(self, x: torch.Tensor) -> list[torch.Tensor | None]:
         """``-F_p^T x`` for every param that needs a gradient (``None`` for the others)."""
@@ -120,8 +173,7 @@ class ResidualGraph:
         else:
             self._build()
             grads = self._vjp(x, [self.param_vars[i] for i in wanted])
-            if not self.identity_minus:  # -F_p^T x = -G_p^T x; for F = w - G it is +G_p^T x
-                grads = [-g for g in grads]
+            grads = [self.form.minus_f_p(g) for g in grads]
         result: list[torch.Tensor | None] = [None] * len(self.params)
         for i, g in zip(wanted, grads):
             result[i] = g
@@ -145,30 +197,6 @@ class ImplicitOperator(LinearOperator):
 
     def rmv(self, vector: torch.Tensor) -> torch.Tensor:
         return self.graph.jvp_w(vector)
-
-
-def _retained_vjp(
-    outputs: Sequence[torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    cotangents: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor | None, ...]:
-    """``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True,
-    allow_unused=True)`` without its Python layer.
-
-    That layer (argument normalisation, validation of ``cotangents`` against ``outputs``) costs
-    about 30 us a call on the CPU, 15-20% of a Hessian-vector product of a logistic regression
-    with a thousand samples; here the graph is ours and the cotangents have the outputs' shapes
-    and dtype by construction, so the autograd engine is called directly.
-    """
-    return _engine_run_backward(
-        tuple(outputs),
-        tuple(cotangents),
-        True,  # retain_graph
-        False,  # create_graph
-        tuple(inputs),
-        allow_unreachable=True,  # allow_unused
-        accumulate_grad=False,
-    )
 
 
 def _check_no_foreign_tensors(

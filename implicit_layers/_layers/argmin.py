@@ -7,17 +7,44 @@ from typing import Any
 
 import torch
 
-from ._graph import in_functorch_transform
-from ._implicit_layer import ImplicitLayer
-from ._linear import CG, LinearSolver
-from ._minimize import GradientDescent, Minimizer, as_minimizer
-from ._records import OnFailure
-from ._tree import FlatSpace, tree_flatten, tree_unflatten
+from .._compat import in_functorch_transform
+from .._linear import CG
+from .._minimize import GradientDescent, Minimizer, as_minimizer
+from .._records import OnFailure
+from .._tree import FlatSpace, tree_flatten, tree_unflatten
+from ._core import Equation, ImplicitLayer
+from ._residual import ROOT
 
-__all__ = ["argmin_layer", "ArgminLayer", "gradient_residual"]
+__all__ = ["argmin_layer", "ArgminLayer", "ArgminEquation", "gradient_residual"]
 
 DEFAULT_MINIMIZER = GradientDescent()
 DEFAULT_HESSIAN_SOLVER = CG()  # the Hessian at a strict minimum is symmetric positive definite
+
+
+class ArgminEquation(Equation):
+    """``w = argmin f(w, *params)``: ``F = grad_w f`` (a root); a minimizer finds it."""
+
+    form = ROOT
+    kind = "argmin"
+    function_name = "f"
+    output_name = "f's output"
+    solver_type = Minimizer
+    solver_examples = "GradientDescent(), LBFGS()"
+
+    def find(self, solver, f, space, params, w0):
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "argmin_layer cannot run under torch.inference_mode(): its minimizer takes "
+                "gradients of f, which inference mode forbids. Use torch.no_grad() instead."
+            )
+
+        def objective(w: torch.Tensor) -> torch.Tensor:
+            return _scalar(f(space.unflatten(w), *params))
+
+        return as_minimizer(solver, space).solve(objective, w0)
+
+    def residual(self, space: FlatSpace, f):
+        return gradient_residual(f)
 
 
 class ArgminLayer(ImplicitLayer):
@@ -44,34 +71,15 @@ class ArgminLayer(ImplicitLayer):
     True
     """
 
-    _function_name = "f"
-    _solver_type = Minimizer
-    _solver_examples = "GradientDescent(), LBFGS()"
-
     def __init__(
         self,
         f: Callable[..., torch.Tensor],
         solver: Minimizer | Callable = DEFAULT_MINIMIZER,
-        backward: LinearSolver | Callable = DEFAULT_HESSIAN_SOLVER,
+        backward: Any = DEFAULT_HESSIAN_SOLVER,
         on_failure: OnFailure = "warn",
         warm_start: bool = False,
     ):
-        super().__init__(f, solver, backward, on_failure, warm_start)
-
-    def _find(self, f, space, params, w0):
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "argmin_layer cannot run under torch.inference_mode(): its minimizer takes "
-                "gradients of f, which inference mode forbids. Use torch.no_grad() instead."
-            )
-
-        def objective(w: torch.Tensor) -> torch.Tensor:
-            return _scalar(f(space.unflatten(w), *params))
-
-        return as_minimizer(self.solver, space).solve(objective, w0)
-
-    def _residual(self, space: FlatSpace, f):
-        return gradient_residual(f)
+        super().__init__(ArgminEquation(), f, solver, backward, on_failure, warm_start)
 
 
 def gradient_residual(f: Callable[..., torch.Tensor]):
@@ -106,7 +114,7 @@ def argmin_layer(
     /,
     *,
     solver: Minimizer | Callable = DEFAULT_MINIMIZER,
-    backward: LinearSolver | Callable = DEFAULT_HESSIAN_SOLVER,
+    backward: Any = DEFAULT_HESSIAN_SOLVER,
     on_failure: OnFailure = "warn",
     warm_start: bool = False,
 ):
