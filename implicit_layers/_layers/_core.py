@@ -422,6 +422,12 @@ class _Transposed(ImplicitOperator):
     def mv(self, vector: torch.Tensor) -> torch.Tensor:
         return self.graph.jvp_w(vector)
 
+    def mm(self, matrix: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.mv(column) for column in matrix.T], dim=1)
+
+    def rmv(self, vector: torch.Tensor) -> torch.Tensor:
+        return self.graph.vjp_w(vector)
+
 
 class _AdjointEquation(Equation):
     """``x = F_w(w, p)^{-T} b`` as an implicit equation in ``(b, w, p)``: a call's backward,
