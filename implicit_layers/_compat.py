@@ -42,8 +42,8 @@ _maybe_current_level = _lookup(_functorch, "maybe_current_level")
 _transform_type = _lookup(_functorch, "TransformType")
 try:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-except ImportError:  # pragma: no cover - exercised by the forced-fallback test
-    retrieve_all_functorch_interpreters = None
+except ImportError:  # pragma: no cover - a torch without functorch's Python side
+    retrieve_all_functorch_interpreters = None  # type: ignore[assignment]
 
 
 def retained_vjp(

@@ -43,14 +43,14 @@ class SGDState(NamedTuple):
     """``count``: steps taken; ``momentum_buffer``: the params' structure, or ``None`` without
     momentum."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count, by design of the state
     momentum_buffer: Any
 
 
 class AdamState(NamedTuple):
     """``count``: steps taken; ``exp_avg``, ``exp_avg_sq``: the moments, the params' structure."""
 
-    count: int
+    count: int  # type: ignore[assignment]
     exp_avg: Any
     exp_avg_sq: Any
 
@@ -224,6 +224,7 @@ class FunctionalAdam(FunctionalOptimizer):
         beta1, beta2 = self.betas
         step_size = self.lr / (1 - beta1**count)
         correction2 = 1 - beta2**count
+        sqrt_correction2: Any
         if isinstance(correction2, torch.Tensor):
             sqrt_correction2 = correction2.sqrt()
         else:
@@ -321,11 +322,11 @@ def gradient_step(
             leaves = [p if p.requires_grad else p.detach().requires_grad_() for p in leaves]
             params = tree_unflatten(spec, leaves)
             loss = inner_loss(params, lam)
-            grads = torch.autograd.grad(
+            found = torch.autograd.grad(
                 loss, leaves, create_graph=differentiable, allow_unused=True
             )
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
-        opt = fixed if fixed is not None else optimizer(lam)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(found, leaves)]
+        opt: Any = fixed if fixed is not None else optimizer(lam)  # type: ignore[operator]
         with contextlib.nullcontext() if differentiable else torch.no_grad():
             return opt.step(params, tree_unflatten(spec, grads), state)
 

@@ -79,8 +79,8 @@ def hypergradient_and_loss(
         outer = _scalar(
             outer_loss(tree_unflatten(space.spec, w_vars), tree_unflatten(lam_spec, lam_vars))
         )
-        grads = torch.autograd.grad(outer, w_vars + lam_vars, allow_unused=True)
-    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, w_vars + lam_vars)]
+        found = torch.autograd.grad(outer, w_vars + lam_vars, allow_unused=True)
+    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(found, w_vars + lam_vars)]
     b, direct = space.flatten_leaves(grads[: len(w_vars)]), grads[len(w_vars) :]
 
     if isinstance(method, HypergradientMethod):
@@ -88,7 +88,7 @@ def hypergradient_and_loss(
     else:
         graph = inner.graph()
         x, record = implicit_solver(method).solve(ImplicitOperator(graph), b)
-        implicit = graph.param_grads(x)
+        implicit = graph.param_grads(x)  # type: ignore[assignment]  # every lam needs grad
     report(record, "hypergradient", on_failure)
     total = [d + i for d, i in zip(direct, implicit)]
     return tree_unflatten(lam_spec, total), record, outer.detach()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -199,7 +200,7 @@ def iterate(
     iterations, pair = (0, initial) if initial is not None else (1, state.step())
     residual = pair[0]
     if isinstance(residual, torch.Tensor) and residual.ndim == 1:
-        judge: _Vector | _Rows = _Rows(state, tol, atol, iterations, len(residual))
+        judge: Any = _Rows(state, tol, atol, iterations, len(residual))
     else:
         judge = _Vector(state, tol, atol)
     while not judge(pair, iterations) and state.stopped is None and iterations < max_iter:

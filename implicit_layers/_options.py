@@ -11,13 +11,16 @@ import difflib
 import functools
 from typing import Any, TypeVar
 
+from typing_extensions import dataclass_transform
+
 T = TypeVar("T", bound=type)
 
 
+@dataclass_transform(kw_only_default=True, frozen_default=True)
 def options(cls: T) -> T:
     """Class decorator: a frozen, keyword-only dataclass with a helpful unknown-option error."""
-    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
-    generated_init = cls.__init__
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)  # type: ignore[assignment]
+    generated_init = cls.__init__  # type: ignore[misc]
     names = [field.name for field in dataclasses.fields(cls)]
 
     @functools.wraps(generated_init)
@@ -38,7 +41,7 @@ def options(cls: T) -> T:
             )
         generated_init(self, **kwargs)
 
-    cls.__init__ = __init__
+    cls.__init__ = __init__  # type: ignore[misc]
     return cls
 
 

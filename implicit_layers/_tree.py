@@ -124,8 +124,8 @@ class FlatSpace:
         self.rows: int | None = _batch_size(leaves, name) if per_sample else None
         # several leaves, by sample: each sample's part of each leaf, side by side in a row
         self._by_sample = self.rows is not None and len(leaves) > 1
-        if self._by_sample:
-            self._row_numels = [numel // self.rows for numel in self.numels] if self.rows else []
+        self._batch = self.rows or 1
+        self._row_numels = [numel // self._batch for numel in self.numels]
 
     def flatten(self, tree: Any) -> torch.Tensor:
         return self.flatten_leaves(tree_flatten(tree)[0])
@@ -136,7 +136,7 @@ class FlatSpace:
         if len(leaves) == 1:
             return leaves[0].reshape(-1)
         if self._by_sample:
-            return torch.cat([leaf.reshape(self.rows, -1) for leaf in leaves], dim=1).reshape(-1)
+            return torch.cat([leaf.reshape(self._batch, -1) for leaf in leaves], 1).reshape(-1)
         return torch.cat([leaf.reshape(-1) for leaf in leaves])
 
     def unflatten_leaves(self, vector: torch.Tensor) -> list[torch.Tensor]:
@@ -145,7 +145,7 @@ class FlatSpace:
         if len(self.shapes) == 1:
             return [vector.view(self.shapes[0])]
         if self._by_sample:
-            parts = vector.view(self.rows, -1).split(self._row_numels, dim=1)
+            parts = vector.view(self._batch, -1).split(self._row_numels, dim=1)
             return [part.reshape(shape) for part, shape in zip(parts, self.shapes)]
         return [part.view(shape) for part, shape in zip(vector.split(self.numels), self.shapes)]
 
@@ -195,7 +195,7 @@ def _batch_size(leaves: Sequence[torch.Tensor], name: str) -> int:
             f"`{name}` must have the batch of samples in the first dimension of every leaf "
             f"(per-sample solves), one size for all; got leaf shapes {shapes}."
         )
-    return sizes.pop()
+    return leaves[0].shape[0]
 
 
 def _autocasting(tensor: torch.Tensor) -> bool:

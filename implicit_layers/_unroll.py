@@ -272,7 +272,8 @@ class _RecomputeFunction(torch.autograd.Function):
             adjoint = list(grads[:n_in]) if n_in else [None] * n_w
             for j, g in enumerate(grads[n_in:]):
                 if g is not None:
-                    lam_grads[j] = g if lam_grads[j] is None else lam_grads[j] + g
+                    previous = lam_grads[j]
+                    lam_grads[j] = g if previous is None else previous + g
         w0_grads = adjoint if need_w0 else [None] * n_w
         lam_iter = iter(lam_grads)
         lam_out = [next(lam_iter) if need else None for need in need_lam]

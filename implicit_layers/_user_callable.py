@@ -7,15 +7,13 @@ from typing import Any
 
 import torch
 
-from ._tree import FlatSpace
-
 __all__ = ["UserCallable"]
 
 
 class UserCallable:
     """A user's function used as a solver: its name, and calling it on the user's own tree."""
 
-    def __init__(self, function: Callable[..., Any], space: FlatSpace | None = None):
+    def __init__(self, function: Callable[..., Any], space: Any = None):
         self.function, self.space = function, space
 
     @property

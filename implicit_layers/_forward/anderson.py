@@ -45,7 +45,7 @@ class _AndersonState(BestRowState):
     def __init__(self, f, w0, solver):
         super().__init__(w0, solver)
         self.f, self.damping, self.regularization = f, solver.damping, solver.regularization
-        rows, n, memory = *w0.shape, solver.memory
+        (rows, n), memory = w0.shape, solver.memory
         self.dX = w0.new_zeros(rows, memory, n)  # differences of x = w + damping g
         self.dG = w0.new_zeros(rows, memory, n)  # differences of g = f(w) - w
         self.eye = torch.eye(memory, dtype=torch.float64, device=w0.device)

@@ -274,13 +274,14 @@ class _Call:
         if not self.own_names:
             return function, params
         state = dict(zip(self.own_names, tensors[self.n_explicit :]))
+        module: Any = function  # an nn.Module: only modules have own parameters
 
         def with_state(*args: Any) -> Any:
-            return torch.func.functional_call(function, state, args)
+            return torch.func.functional_call(module, state, args)
 
         return with_state, params
 
-    def residual(self, w: Any, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    def residual(self, w: Any, *tensors: torch.Tensor) -> Sequence[torch.Tensor]:
         """``G(w, p)`` with ``tensors`` as the call's tensor inputs, in the forward's autocast
         region."""
         function, params = self.bind(tensors)
@@ -325,7 +326,8 @@ class _Call:
     @property
     def linear_solver(self) -> Any:
         """The solver of an :class:`Implicit` differentiation (the only kind that solves)."""
-        return self.layer.differentiation.linear_solver
+        differentiation: Any = self.layer.differentiation
+        return differentiation.linear_solver
 
     def solve_adjoint(self, graph: ResidualGraph, b: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """``x`` with ``F_w^T x = b`` at the graph's point, and the solve's record."""
@@ -358,13 +360,13 @@ class _Call:
         x, self.info.adjoint = _adjoint_layer(self).solve(x0, b, w_star, *tensors)
         wanted = [i for i, need in enumerate(needs) if need]
 
-        def residual_of(*chosen: torch.Tensor) -> list[torch.Tensor]:
+        def residual_of(*chosen: torch.Tensor) -> Sequence[torch.Tensor]:
             substituted = list(tensors)
             for i, tensor in zip(wanted, chosen):
                 substituted[i] = tensor
             return self.residual(self.space.unflatten(w_star), *substituted)
 
-        _, vjp = torch.func.vjp(residual_of, *[tensors[i] for i in wanted])
+        vjp = torch.func.vjp(residual_of, *[tensors[i] for i in wanted])[1]
         grads = vjp(self.space.unflatten_leaves(x.reshape(-1)))
         result: list[torch.Tensor | None] = [None] * len(tensors)
         for i, grad in zip(wanted, grads):
@@ -468,10 +470,10 @@ def _adjoint_layer(primal: _Call) -> ImplicitLayer:
     layer, space, form = primal.layer, primal.space, primal.equation.form
 
     def equation(x: torch.Tensor, b: torch.Tensor, w: torch.Tensor, *tensors: torch.Tensor):
-        def residual_of(w: torch.Tensor) -> list[torch.Tensor]:
+        def residual_of(w: torch.Tensor) -> Sequence[torch.Tensor]:
             return primal.residual(space.unflatten(w), *tensors)
 
-        _, vjp = torch.func.vjp(residual_of, w)
+        vjp = torch.func.vjp(residual_of, w)[1]
         (product,) = vjp(space.unflatten_leaves(x.reshape(-1)))
         return form.adjoint(b, product).view_as(x)
 

@@ -6,6 +6,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -140,7 +141,9 @@ def with_rows(
     norms = torch.linalg.vector_norm(torch.stack((residual, b)).view(2, rows, -1), dim=2)
     residuals, scales = norms.double().tolist()
     ratios = tuple(relative(r, s) for r, s in zip(residuals, scales))
-    fields = dict(sample_iterations=(record.iterations,) * rows, sample_residuals=ratios)
+    fields: dict[str, Any] = dict(
+        sample_iterations=(record.iterations,) * rows, sample_residuals=ratios
+    )
     if record.tol is not None:
         atol = record.atol or 0.0
         meets = (r <= atol + record.tol * s for r, s in zip(residuals, scales))
@@ -170,7 +173,7 @@ class UserLinearSolver(UserCallable, LinearSolver):
         return x, with_rows(record, operator, residual, b)
 
 
-def check_preconditioner(solver: LinearSolver) -> None:
+def check_preconditioner(solver: Any) -> None:
     preconditioner = solver.preconditioner
     if preconditioner is not None and not callable(preconditioner):
         raise TypeError(

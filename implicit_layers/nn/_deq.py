@@ -95,8 +95,9 @@ class DEQ(FixedPointLayer):
             raise TypeError(
                 f"`x` must be a torch.Tensor or a pytree of tensors, got {type(x).__name__}."
             )
-        if z0 is not None or self.z_init is not None:
-            z0 = self.z_init(x) if z0 is None else z0
+        if z0 is None and self.z_init is not None:
+            z0 = self.z_init(x)
+        if z0 is not None:
             _check_batch(z0, leaves)
             return self.solve(z0, x)[0]
         z0 = _zeros_like(x)
@@ -122,7 +123,8 @@ class DEQ(FixedPointLayer):
         space = FlatSpace(z, "z", per_sample=True)
         leaves = [leaf.detach().requires_grad_() for leaf in tree_flatten(z)[0]]
         with torch.enable_grad():
-            out = space.check(self.cell(tree_unflatten(space.spec, leaves), x), "the cell's output")
+            state = tree_unflatten(space.spec, leaves)
+            out = space.check(self.function(state, x), "the cell's output")
             total = out[0].new_zeros(())
             for _ in range(samples):
                 noise = [torch.randn_like(leaf) for leaf in out]

@@ -96,7 +96,9 @@ def check_gradients(
     """
     args = _as_args(inputs)
     _validate(directions, eps, rtol, atol, condition)
-    options = dict(directions=directions, eps=eps, rtol=rtol, atol=atol, condition=condition)
+    options: dict[str, Any] = dict(
+        directions=directions, eps=eps, rtol=rtol, atol=atol, condition=condition
+    )
     if not Subject(fn, args, layers, None).tensors:
         raise ValueError(
             "no input of `fn` requires grad: set requires_grad=True on the tensors to check."

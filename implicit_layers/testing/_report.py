@@ -39,7 +39,7 @@ class DirectionCheck:
     finite_difference: float
     truncation: float
     allowed: float
-    forward: tuple[SolveRecord, ...]
+    forward: tuple[SolveRecord | None, ...]
 
     @property
     def difference(self) -> float:
