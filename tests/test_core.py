@@ -421,3 +421,22 @@ def test_nonfinite_forward_poisons_an_unrolled_output_with_its_graph():
     c = torch.ones(2, requires_grad=True)
     w = layer(torch.zeros(2), c)
     assert torch.isnan(w).all() and w.requires_grad
+
+
+# --- the documentation's examples of the core run --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "page, marker",
+    [("concepts.md", "Phantom(steps=4"), ("concepts.md", "def kkt"), ("deq.md", "TwoStates")],
+)
+def test_the_core_examples_in_the_docs_run(page, marker, capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / page).read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b]
+    exec(compile(block, f"docs/{page}", "exec"), {})
+    printed = capsys.readouterr().out
+    expected = {"Phantom(steps=4": "True", "def kkt": "2", "TwoStates": "4 GMRES"}[marker]
+    assert expected in printed, printed
