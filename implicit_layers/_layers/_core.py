@@ -36,7 +36,7 @@ from .._tree import FlatSpace, tree_flatten, tree_unflatten
 from ._differentiate import Differentiation, as_differentiation
 from ._residual import Form, ImplicitOperator, Residual, ResidualGraph
 
-__all__ = ["ImplicitLayer", "Equation", "solve_on_rows"]
+__all__ = ["ImplicitLayer", "Equation", "solve_on_rows", "made_or_decorator"]
 
 
 class Equation(abc.ABC):
@@ -200,6 +200,16 @@ class ImplicitLayer(nn.Module):
     def _report(self, record: SolveRecord, stage: str) -> None:
         order = "" if stage == "forward" or self.order == 0 else f"order-{self.order + 1} "
         report(record, order + stage, self.on_failure)
+
+
+def made_or_decorator(layer_class: type, function: Callable | None, **options: Any) -> Any:
+    """``layer_class(function, **options)``, or with no ``function`` a decorator making it:
+    what every layer factory (``fixed_point_layer``, ``argmin_layer``, ``root_layer``) does."""
+
+    def make(function: Callable[..., Any]) -> Any:
+        return layer_class(function, **options)
+
+    return make if function is None else make(function)
 
 
 def _check_instance(value: Any, name: str) -> None:

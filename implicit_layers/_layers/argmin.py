@@ -12,7 +12,7 @@ from .._linear import CG
 from .._minimize import GradientDescent, Minimizer, as_minimizer
 from .._records import OnFailure
 from .._tree import FlatSpace, tree_flatten, tree_unflatten
-from ._core import Equation, ImplicitLayer
+from ._core import Equation, ImplicitLayer, made_or_decorator
 from ._residual import ROOT
 
 __all__ = ["argmin_layer", "ArgminLayer", "ArgminEquation", "gradient_residual"]
@@ -134,9 +134,11 @@ def argmin_layer(
     True
     """
 
-    def make(function: Callable[..., torch.Tensor]) -> ArgminLayer:
-        return ArgminLayer(
-            function, solver=solver, backward=backward, on_failure=on_failure, warm_start=warm_start
-        )
-
-    return make if f is None else make(f)
+    return made_or_decorator(
+        ArgminLayer,
+        f,
+        solver=solver,
+        backward=backward,
+        on_failure=on_failure,
+        warm_start=warm_start,
+    )

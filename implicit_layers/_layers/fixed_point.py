@@ -11,7 +11,7 @@ from .._forward import Anderson, ForwardSolver, as_forward_solver
 from .._linear import GMRES
 from .._records import OnFailure
 from .._tree import FlatSpace
-from ._core import Equation, ImplicitLayer, solve_on_rows
+from ._core import Equation, ImplicitLayer, made_or_decorator, solve_on_rows
 from ._residual import FIXED_POINT
 
 __all__ = ["fixed_point_layer", "FixedPointLayer", "FixedPointEquation"]
@@ -142,14 +142,12 @@ def fixed_point_layer(
     (2.0, 1.0)
     """
 
-    def make(function: Callable[..., Any]) -> FixedPointLayer:
-        return FixedPointLayer(
-            function,
-            solver=solver,
-            backward=backward,
-            on_failure=on_failure,
-            warm_start=warm_start,
-            per_sample=per_sample,
-        )
-
-    return make if phi is None else make(phi)
+    return made_or_decorator(
+        FixedPointLayer,
+        phi,
+        solver=solver,
+        backward=backward,
+        on_failure=on_failure,
+        warm_start=warm_start,
+        per_sample=per_sample,
+    )

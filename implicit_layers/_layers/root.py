@@ -10,7 +10,7 @@ import torch
 from .._forward import ForwardSolver, Newton, as_forward_solver
 from .._linear import GMRES
 from .._records import OnFailure
-from ._core import Equation, ImplicitLayer, solve_on_rows
+from ._core import Equation, ImplicitLayer, made_or_decorator, solve_on_rows
 from ._residual import ROOT
 
 __all__ = ["root_layer", "RootLayer", "RootEquation"]
@@ -118,14 +118,12 @@ def root_layer(
     [0.333333, -0.333333]
     """
 
-    def make(function: Callable[..., Any]) -> RootLayer:
-        return RootLayer(
-            function,
-            solver=solver,
-            backward=backward,
-            on_failure=on_failure,
-            warm_start=warm_start,
-            per_sample=per_sample,
-        )
-
-    return make if F is None else make(F)
+    return made_or_decorator(
+        RootLayer,
+        F,
+        solver=solver,
+        backward=backward,
+        on_failure=on_failure,
+        warm_start=warm_start,
+        per_sample=per_sample,
+    )
