@@ -71,7 +71,7 @@ class MatrixOperator(LinearOperator):
         return self.matrix @ matrix
 
     def rmv(self, vector: torch.Tensor) -> torch.Tensor:
-        return self.matrix.T @ vector
+        return self.matrix.mH @ vector
 
     def as_matrix(self) -> torch.Tensor:
         return self.matrix

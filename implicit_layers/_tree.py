@@ -100,10 +100,10 @@ class FlatSpace:
                     f"`{where}` must be a torch.Tensor, got {type(leaf).__name__}. "
                     "Convert it with torch.as_tensor(..., dtype=torch.float32)."
                 )
-            if not leaf.dtype.is_floating_point:
+            if not (leaf.dtype.is_floating_point or leaf.dtype.is_complex):
                 raise TypeError(
-                    f"`{where}` must have a real floating-point dtype (float16/32/64, bfloat16), "
-                    f"got {leaf.dtype}."
+                    f"`{where}` must have a real floating-point dtype or a complex one "
+                    f"(float16/32/64, bfloat16, complex64/128), got {leaf.dtype}."
                 )
         first = leaves[0]
         for index, leaf in enumerate(leaves[1:], 1):

@@ -428,7 +428,12 @@ def test_nonfinite_forward_poisons_an_unrolled_output_with_its_graph():
 
 @pytest.mark.parametrize(
     "page, marker",
-    [("concepts.md", "Phantom(steps=4"), ("concepts.md", "def kkt"), ("deq.md", "TwoStates")],
+    [
+        ("concepts.md", "Phantom(steps=4"),
+        ("concepts.md", "def kkt"),
+        ("concepts.md", "closed form"),
+        ("deq.md", "TwoStates"),
+    ],
 )
 def test_the_core_examples_in_the_docs_run(page, marker, capsys):
     import re
@@ -438,5 +443,6 @@ def test_the_core_examples_in_the_docs_run(page, marker, capsys):
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b]
     exec(compile(block, f"docs/{page}", "exec"), {})
     printed = capsys.readouterr().out
-    expected = {"Phantom(steps=4": "True", "def kkt": "2", "TwoStates": "4 GMRES"}[marker]
+    expected = {"Phantom(steps=4": "True", "def kkt": "2", "closed form": "True"}
+    expected = expected.get(marker, "4 GMRES")
     assert expected in printed, printed

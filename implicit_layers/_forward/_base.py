@@ -127,10 +127,11 @@ class RowState(IterationState):
         self.proposal: torch.Tensor | None = None  # the next iterate, once a step proposed it
         self.frozen: torch.Tensor | None = None
         self.offered = w0  # the point offered for the iterate judged last, and its residual
-        self.offered_residual = w0.new_full((w0.shape[0],), math.inf)
+        norms = w0.real.dtype  # residual norms are real, also for a complex w
+        self.offered_residual = w0.new_full((w0.shape[0],), math.inf, dtype=norms)
         self.tracking = self.returns_best  # whether any row is tracked (no test per step)
         self.tracked = torch.full((w0.shape[0],), self.returns_best, device=w0.device)
-        self.best_residual = w0.new_full((w0.shape[0],), math.inf)
+        self.best_residual = w0.new_full((w0.shape[0],), math.inf, dtype=norms)
         self.chosen = w0  # per row, the point kept to return: a tracked or frozen row's
 
     def offer(self, w: torch.Tensor, step: torch.Tensor, residual: torch.Tensor) -> None:

@@ -75,10 +75,12 @@ class _AndersonState(BestRowState):
         ``dG``. Slots not yet filled are zero and get ``gamma = 0``, so the whole (contiguous)
         history is used. The products with ``g`` and ``gamma`` are row-vector times matrix
         ones: a batched matrix-vector product is several times slower on the CPU."""
-        gram = (self.dG @ self.dG.transpose(1, 2)).double()
-        weight = self.regularization * torch.linalg.matrix_norm(gram) + torch.finfo(gram.dtype).tiny
+        wide = torch.complex128 if g.is_complex() else torch.float64
+        conjugated = self.dG.conj().transpose(1, 2)  # <a, b> = a^H b: complex rows too
+        gram = (self.dG @ conjugated).conj().to(wide)
+        weight = self.regularization * torch.linalg.matrix_norm(gram) + torch.finfo(wide).tiny
         system = gram + weight[:, None, None] * self.eye
-        gamma = torch.linalg.solve(system, (g[:, None] @ self.dG.transpose(1, 2))[:, 0].double())
+        gamma = torch.linalg.solve(system, (g[:, None] @ conjugated)[:, 0].to(wide))
         # solve's result is column-major, on which a batched product loops over the rows
         gamma = gamma.to(g.dtype, memory_format=torch.contiguous_format)
         return torch.baddbmm(x[:, None], gamma[:, None], self.dX, alpha=-1)[:, 0]

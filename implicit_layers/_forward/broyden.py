@@ -78,7 +78,7 @@ class _BroydenState(BestRowState):
         return _low_rank(s, self.U, self.V)
 
     def _update(self, s: torch.Tensor, y: torch.Tensor) -> None:
-        hy, sh = self._apply(y), self._apply_transposed(s)
+        hy, sh = self._apply(y), self._apply_transposed(s.conj())  # s^H H
         denominator = (sh * y).sum(1)
         scale = row_norms(sh) * row_norms(y) * torch.finfo(s.dtype).eps
         usable = denominator.abs() > scale  # frozen rows have s = 0: never usable

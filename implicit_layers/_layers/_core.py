@@ -346,10 +346,32 @@ class _Call:
         if self.layer.warm_start and previous is not None and previous.shape == b.shape:
             x0 = previous.to(dtype=b.dtype, device=b.device)
         operator = ImplicitOperator(graph, self.space.rows)
+        self.check_holomorphic(operator, b)
         x, record = self.linear_solver.solve(operator, b, x0)
         if self.layer.warm_start:
             latest.previous_backward = x.detach()
         return x, record
+
+    def check_holomorphic(self, operator: Any, vector: torch.Tensor) -> None:
+        """On a complex layer with a solver that relies on complex linearity, check that the
+        operator has it, ``A (i v) = i A v`` at ``v``: it has when the function is holomorphic
+        in ``w``, and an ``abs``, ``conj`` or ``.real`` of ``w`` breaks it. Two products."""
+        solver = self.linear_solver
+        if not vector.is_complex() or not solver.complex_linear or not bool(vector.any()):
+            return
+        plain, turned = operator.mv(vector), operator.mv(1j * vector)
+        error = float(torch.linalg.vector_norm(turned - 1j * plain))
+        scale = float(torch.linalg.vector_norm(plain)) + float(torch.linalg.vector_norm(vector))
+        if error <= torch.finfo(vector.dtype).eps ** 0.5 * scale:
+            return
+        name = self.equation.function_name
+        raise ValueError(
+            f"{solver.method} treats the backward operator of this complex layer as "
+            f"complex-linear, which it is only when `{name}` is holomorphic in w (no abs, conj, "
+            f".real or .imag of w); here A(i v) differs from i A(v) by {error / scale:.1e} "
+            "relatively. Use backward=Neumann(), or a forward solver on the adjoint fixed point "
+            "(FixedPoint(), Anderson(), Broyden()): they need only real linearity."
+        )
 
     def solve_backward(
         self, w_star: torch.Tensor, tensors: Sequence[torch.Tensor], needs: Sequence[bool], b
@@ -411,6 +433,7 @@ class _Call:
                 product, size=space.size, dtype=space.dtype, device=space.device
             )
             operator.rows = space.rows
+        self.check_holomorphic(operator, rhs)
         tangent, record = self.linear_solver.solve(operator, form.minus_f_p(rhs))
         self.file_tangent(record)
         return tangent

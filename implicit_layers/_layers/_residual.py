@@ -110,7 +110,7 @@ class ResidualGraph:
         with torch.enable_grad():
             self.w_vars = self._w_leaves()
             self.param_vars = [
-                p.detach().requires_grad_(need) if p.dtype.is_floating_point else p
+                p.detach().requires_grad_(need) if p.is_floating_point() or p.is_complex() else p
                 for p, need in zip(self.params, self.needs_grad)
             ]
             w = tree_unflatten(self.space.spec, self.w_vars)

@@ -37,6 +37,12 @@ class ArgminEquation(Equation):
                 "argmin_layer cannot run under torch.inference_mode(): its minimizer takes "
                 "gradients of f, which inference mode forbids. Use torch.no_grad() instead."
             )
+        if space.dtype.is_complex:
+            raise TypeError(
+                f"argmin_layer: `w0` is {space.dtype}; its minimizers work on real w. Split w "
+                "into real and imaginary parts, or write the stationarity condition as a "
+                "root_layer(F) with F(w) = 0."
+            )
 
         def objective(w: torch.Tensor) -> torch.Tensor:
             return _scalar(f(space.unflatten(w), *params))

@@ -29,7 +29,13 @@ class LinearSolver(abc.ABC):
     :meth:`solve` handles what every method shares: a zero ``b`` returns zero without a product;
     ``b`` is divided by its largest entry, so tiny float32 gradients neither underflow nor meet
     the tolerance early; every product is counted; a :class:`SolveRecord` comes back.
+
+    ``complex_linear`` says whether the method relies on ``A (i v) = i A v`` (Krylov and direct
+    methods do); a complex layer whose function is not holomorphic in ``w`` has a backward
+    operator that is only real-linear, and is refused such a method.
     """
+
+    complex_linear = True
 
     def solve(
         self,
@@ -158,6 +164,8 @@ class UserLinearSolver(UserCallable, LinearSolver):
     measured with one extra product, counted in the record.
     """
 
+    complex_linear = False  # whatever it does, the residual is measured
+
     def _run(self, operator, b, x0, unit):
         x = self.function(operator.mv, b)
         _check_vector(x, f"the result of the backward callable `{self.method}`", like=b)
@@ -186,9 +194,9 @@ def _check_vector(vector, name: str, like: torch.Tensor | None = None) -> None:
     if not isinstance(vector, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(vector).__name__}.")
     if like is None:
-        if vector.ndim != 1 or not vector.dtype.is_floating_point:
+        if vector.ndim != 1 or not (vector.is_floating_point() or vector.is_complex()):
             raise ValueError(
-                f"`{name}` must be a flat floating-point vector, got shape "
+                f"`{name}` must be a flat floating-point (or complex) vector, got shape "
                 f"{tuple(vector.shape)} and dtype {vector.dtype}."
             )
     elif vector.shape != like.shape or vector.dtype != like.dtype or vector.device != like.device:

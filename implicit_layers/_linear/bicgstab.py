@@ -36,16 +36,16 @@ class _BiCGSTABState(LinearSolverState):
         self.rho, self.alpha, self.omega = one, one, one
 
     def step(self):
-        rho = self.shadow.dot(self.r)
+        rho = torch.vdot(self.shadow, self.r)
         beta = (rho / self.rho) * (self.alpha / self.omega)
         self.p = self.r + beta * (self.p - self.omega * self.v)
         self.v = self.operator.mv(self.p)
-        self.alpha = rho / self.shadow.dot(self.v)
+        self.alpha = rho / torch.vdot(self.shadow, self.v)
         s = self.r - self.alpha * self.v
         t = self.operator.mv(s)
-        tt = t.dot(t)
+        tt = torch.vdot(t, t).real
         # s = 0 means the half step solved the system: omega = 0 keeps r = s = 0 finite.
-        self.omega = torch.where(tt > 0, t.dot(s) / tt, torch.zeros_like(tt))
+        self.omega = torch.where(tt > 0, torch.vdot(t, s) / tt, torch.zeros_like(tt))
         self.x.addcmul_(self.p, self.alpha).addcmul_(s, self.omega)
         self.r = s - self.omega * t
         self.rho = rho

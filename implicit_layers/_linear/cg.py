@@ -15,6 +15,11 @@ from ._base import IterativeLinearSolver, LinearSolverState, check_preconditione
 Preconditioner = Callable[[torch.Tensor], torch.Tensor]
 
 
+def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^H b``, real: the inner products of CG are real for a Hermitian ``A`` (and ``M``)."""
+    return torch.vdot(a, b).real
+
+
 @options
 class CG(IterativeLinearSolver):
     """Conjugate gradients (Hestenes and Stiefel) for ``A x = b`` with ``A`` symmetric positive
@@ -63,7 +68,7 @@ class CGState(LinearSolverState):
         self.preconditioner = preconditioner
         z = self._precondition(residual)
         self.p = z.clone()
-        self.rz = residual.dot(z)
+        self.rz = inner(residual, z)
 
     def _precondition(self, r: torch.Tensor) -> torch.Tensor:
         return r if self.preconditioner is None else self.preconditioner(r)
@@ -71,7 +76,7 @@ class CGState(LinearSolverState):
     def products(self, p: torch.Tensor):
         """``(A p, direction of the x update, curvature p.A p)``."""
         q = self.operator.mv(p)
-        return q, p, p.dot(q)
+        return q, p, inner(p, q)
 
     def step(self):
         q, direction, curvature = self.products(self.p)
@@ -83,7 +88,7 @@ class CGState(LinearSolverState):
         self.x.addcmul_(direction, alpha)
         self.r.addcmul_(q, alpha, value=-1)
         z = self._precondition(self.r)
-        rz_new = self.r.dot(z)
+        rz_new = inner(self.r, z)
         self.p.mul_(rz_new / self.rz).add_(z)
         self.rz = rz_new
         residual = rz_new.sqrt() if self.preconditioner is None else self.r.norm()
@@ -102,7 +107,7 @@ class CGState(LinearSolverState):
         self.x.add_(direction, alpha=alpha)
         self.r.add_(q, alpha=-alpha)
         z = self._precondition(self.r)
-        rz_new = self.r.dot(z)
+        rz_new = inner(self.r, z)
         self.p.mul_(rz_new.item() / self.rz.item()).add_(z)
         self.rz = rz_new
         return self._residual_value(), self.b_norm

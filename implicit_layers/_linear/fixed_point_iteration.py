@@ -24,6 +24,8 @@ class FixedPointIteration(LinearSolver):
     Made for you when a forward solver is passed as ``backward``.
     """
 
+    complex_linear = False  # the residual of each iterate is measured, not inferred
+
     def __init__(self, solver):
         self.solver = solver
 

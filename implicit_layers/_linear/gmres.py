@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cmath
 import math
 
 import torch
@@ -47,6 +48,22 @@ class GMRES(IterativeLinearSolver):
         return _GMRESState(operator, x, residual, b_norm, restart, self.preconditioner)
 
 
+def _givens(a: complex, b: complex) -> tuple[float, complex, complex]:
+    """``(c, s, r)`` with ``[[c, s], [-conj(s), c]] [a, b] = [r, 0]`` and ``c`` real: the rotation
+    that zeroes the subdiagonal (real numbers: ``c = a / r``, ``s = b / r``, ``r = hypot(a, b)``).
+    ``r = 0`` means ``A`` is singular on the Krylov space: the residual cannot fall this step."""
+    if isinstance(a, complex) or isinstance(b, complex):
+        radius = math.hypot(abs(a), abs(b))
+        if a == 0:
+            return 0.0, 1.0, b
+        phase = a / abs(a)
+        return abs(a) / radius, phase * b.conjugate() / radius, phase * radius
+    radius = math.hypot(a, b)
+    if radius == 0:
+        return 0.0, 1.0, 0.0
+    return a / radius, b / radius, radius
+
+
 class _GMRESState(LinearSolverState):
     def __init__(self, operator, x, residual, b_norm, restart, preconditioner):
         self.operator, self.x, self.b_norm, self.restart = operator, x, b_norm, restart
@@ -71,30 +88,26 @@ class _GMRESState(LinearSolverState):
             j = 0
         basis = self.basis[: j + 1]
         w = self.operator.mv(self.precondition(self.basis[j]))
-        h = basis @ w
+        h = basis.conj() @ w  # V^H w: complex bases too
         w = w - basis.T @ h
-        correction = basis @ w
+        correction = basis.conj() @ w
         w = w - basis.T @ correction
         norm = torch.linalg.vector_norm(w)
         column = torch.cat((h + correction, norm[None])).tolist()
-        if not all(map(math.isfinite, column)):
+        if not all(map(cmath.isfinite, column)):
             return math.nan, self.b_norm
-        if column[-1] > 0:
+        if abs(column[-1]) > 0:
             self.basis[j + 1] = w / norm
         else:  # the Krylov space is exhausted: no new direction
             self.basis[j + 1] = 0
         self.hessenberg.append(list(column))
         for i, (c, s) in enumerate(self.rotations):
             upper, lower = column[i], column[i + 1]
-            column[i], column[i + 1] = c * upper + s * lower, c * lower - s * upper
-        a, b = column[j], column[j + 1]
-        radius = math.hypot(a, b)
-        # radius = 0: A is singular on the Krylov space; the residual cannot fall this step.
-        c, s = (a / radius, b / radius) if radius > 0 else (0.0, 1.0)
+            column[i], column[i + 1] = c * upper + s * lower, c * lower - s.conjugate() * upper
+        c, s, column[j] = _givens(column[j], column[j + 1])
         self.rotations.append((c, s))
-        column[j] = radius
         self.triangle.append(column[: j + 1])
-        self.g.append(-s * self.g[j])
+        self.g.append(-s.conjugate() * self.g[j])
         self.g[j] = c * self.g[j]
         return abs(self.g[j + 1]), self.b_norm
 

@@ -33,6 +33,7 @@ class Neumann(IterativeLinearSolver):
     """
 
     step: float = 1.0
+    complex_linear = False  # it only adds and applies A: valid for a real-linear A too
 
     def __post_init__(self) -> None:
         super().__post_init__()

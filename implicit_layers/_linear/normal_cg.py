@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from .._options import options
 from ._base import IterativeLinearSolver
-from .cg import CGState
+from .cg import CGState, inner
 
 
 @options
 class NormalCG(IterativeLinearSolver):
-    """CG on the normal equations ``A A^T y = b``, ``x = A^T y`` (CGNE, Craig's method).
+    """CG on the normal equations ``A A^H y = b``, ``x = A^H y`` (CGNE, Craig's method).
 
     Valid for any non-singular ``A``, but it converges as CG with the *squared* condition number
     of ``A``, so it is slow on ill-conditioned systems: it is the default of torchopt and jaxopt
@@ -33,4 +33,4 @@ class _NormalCGState(CGState):
 
     def products(self, p):
         s = self.operator.rmv(p)
-        return self.operator.mv(s), s, s.dot(s)
+        return self.operator.mv(s), s, inner(s, s)

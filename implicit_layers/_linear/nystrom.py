@@ -53,9 +53,9 @@ class Nystrom(LinearSolver):
         units = b.new_zeros(n, rank)
         units[indices, range(rank)] = 1
         columns = operator.mm(units)  # C = A[:, K]: n x rank
-        core = self.rho * columns[indices] + columns.T @ columns  # rho W + C^T C
-        core = 0.5 * (core + core.T)
-        x = (b - columns @ torch.linalg.solve(core, columns.T @ b)) / self.rho
+        core = self.rho * columns[indices] + columns.mH @ columns  # rho W + C^H C
+        core = 0.5 * (core + core.mH)
+        x = (b - columns @ torch.linalg.solve(core, columns.mH @ b)) / self.rho
         if not self.measure_residual:
             finite = bool(torch.isfinite(x).all())
             return x, unmeasured_record(
