@@ -65,9 +65,10 @@ class FixedPointLayer(ImplicitLayer):
     * ``w0`` is a floating-point or complex tensor or a pytree (nested tuple/list/dict) of
       tensors of one dtype and device (complex: see the Concepts page; the backward's Krylov
       and direct solvers need Phi holomorphic in ``w``, and check). With ``per_sample=False``
-      (default) a leading batch dimension is just part of the vector; with ``per_sample=True`` every leaf's first dimension is a batch of
-      independent samples, each judged, stopped and recorded on its own (as in a DEQ). No
-      gradient flows to ``w0``: the fixed point does not depend on where the search started.
+      (default) a leading batch dimension is just part of the vector; with
+      ``per_sample=True`` every leaf's first dimension is a batch of independent samples, each
+      judged, stopped and recorded on its own (as in a DEQ). No gradient flows to ``w0``: the
+      fixed point does not depend on where the search started.
     * ``params`` may be tensors, pytrees of tensors (a dict of weights) or non-tensors, which
       are passed through as constants.
     * Tensors Phi closes over instead of taking as params would get no gradient; the backward
