@@ -9,18 +9,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry import backward_solvers, by_name, forward_solvers
 
 from implicit_layers import (
     CG,
     GMRES,
     Anderson,
-    BiCGSTAB,
-    Broyden,
-    Direct,
     FixedPoint,
-    Neumann,
     Newton,
-    NormalCG,
     Nystrom,
     argmin_layer,
     fixed_point_layer,
@@ -29,20 +25,8 @@ from implicit_layers import (
 from implicit_layers.nn import DEQ
 
 c128, c64 = torch.complex128, torch.complex64
-FORWARD = {
-    "FixedPoint": lambda tol: FixedPoint(tol=tol, max_iter=2000),
-    "Anderson": lambda tol: Anderson(tol=tol, max_iter=500),
-    "Broyden": lambda tol: Broyden(tol=tol, max_iter=500),
-    "Newton": lambda tol: Newton(tol=tol),
-}
-BACKWARD = {
-    "GMRES": lambda tol: GMRES(tol=tol),
-    "Direct": lambda tol: Direct(),
-    "Neumann": lambda tol: Neumann(tol=tol, max_iter=2000),
-    "BiCGSTAB": lambda tol: BiCGSTAB(tol=tol, max_iter=500),
-    "NormalCG": lambda tol: NormalCG(tol=tol, max_iter=500),
-    "Anderson (adjoint)": lambda tol: Anderson(tol=tol, max_iter=500),
-}
+FORWARD = by_name(forward_solvers("contraction"))
+BACKWARD = by_name(backward_solvers("contraction"))
 
 
 def complex_problem(seed: int, n: int, m: int, rho: float, dtype: torch.dtype):
@@ -77,8 +61,8 @@ def test_affine_complex_fixed_point_matches_autograd_of_the_closed_form(
     tol = 1e-12 if dtype is c128 else 1e-5
     layer = fixed_point_layer(
         lambda w, lam: A @ w + B @ lam,
-        solver=FORWARD[forward](tol),
-        backward=BACKWARD[backward](tol),
+        solver=FORWARD[forward].make(tol, 500),
+        backward=BACKWARD[backward].make(tol, 500),
         on_failure="raise",
     )
     w = layer(torch.zeros(n, dtype=dtype), lam)
@@ -203,23 +187,24 @@ def non_holomorphic_problem():
 
 
 @pytest.mark.parametrize(
-    "backward",
-    [Neumann(tol=1e-13, max_iter=500), FixedPoint(tol=1e-13, max_iter=500), Anderson(tol=1e-13)],
-    ids=lambda b: type(b).__name__,
+    "entry", backward_solvers("contraction", real_linear=True), ids=lambda e: e.name
 )
-def test_a_map_that_is_not_holomorphic_gets_its_gradient_from_the_real_linear_solvers(backward):
+def test_a_map_that_is_not_holomorphic_gets_its_gradient_from_the_real_linear_solvers(entry):
     phi, G, lam, expected = non_holomorphic_problem()
+    backward = entry.make(1e-13, 500)
     layer = fixed_point_layer(phi, solver=FixedPoint(tol=1e-14, max_iter=1000), backward=backward)
     (grad,) = torch.autograd.grad(real_loss(layer(torch.zeros(4, dtype=c128), lam), G), lam)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "backward", [GMRES(tol=1e-13), Direct(), BiCGSTAB(), NormalCG()], ids=lambda b: b.method
-)
-def test_a_map_that_is_not_holomorphic_is_refused_by_the_complex_linear_solvers(backward):
+COMPLEX_LINEAR = [e for e in backward_solvers("spd contraction") if not e.real_linear]
+
+
+@pytest.mark.parametrize("entry", COMPLEX_LINEAR, ids=lambda e: e.name)
+def test_a_map_that_is_not_holomorphic_is_refused_by_the_complex_linear_solvers(entry):
     """GMRES built its answer on complex linearity and would be 1e-2 off, in silence."""
     phi, G, lam, _ = non_holomorphic_problem()
+    backward = entry.make(1e-13, 4)
     layer = fixed_point_layer(phi, solver=FixedPoint(tol=1e-14, max_iter=1000), backward=backward)
     w = layer(torch.zeros(4, dtype=c128), lam)
     with pytest.raises(ValueError, match=r"holomorphic in w .* backward=Neumann\(\)"):
