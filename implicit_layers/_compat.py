@@ -28,6 +28,7 @@ __all__ = [
     "forward_grad_enabled",
     "in_functorch_transform",
     "under_vmap",
+    "version_of",
 ]
 
 
@@ -80,6 +81,15 @@ def forward_grad_enabled() -> contextlib.AbstractContextManager:
     """A context that turns forward-mode AD back on inside a ``jvp`` rule (use it only where
     :data:`CAN_REENABLE_FORWARD_GRAD`; torch's object switches the mode when it is made)."""
     return _set_fwd_grad_enabled(True)
+
+
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place operation on it or a view of it),
+    or None where it has none (an inference tensor) or torch does not expose it."""
+    try:
+        return tensor._version
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def in_functorch_transform() -> bool:

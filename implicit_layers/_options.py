@@ -54,9 +54,11 @@ def check_positive_int(owner: object, name: str, value: Any) -> None:
 
 
 def check_nonnegative(owner: object, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 <= value < float("inf"):  # NaN fails too
         raise ValueError(
-            f"{type(owner).__name__}: `{name}` must be a non-negative number, got {value!r}."
+            f"{type(owner).__name__}: `{name}` must be a non-negative number, finite, got "
+            f"{value!r}."
         )
 
 

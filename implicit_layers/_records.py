@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import threading
@@ -79,6 +80,19 @@ class SolveRecord:
     sample_residuals: tuple[float, ...] = ()
     sample_converged: tuple[bool, ...] = ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain Python numbers, strings and lists, for a logger (tensorboard,
+        wandb, a CSV, ``json.dumps``); the status by its name.
+
+        >>> import json
+        >>> record = SolveRecord("GMRES", 2, 2, 1e-7, 1e-8, 1e-6, 0.0, Status.CONVERGED)
+        >>> json.dumps(record.to_dict())[:60]
+        '{"method": "GMRES", "iterations": 2, "products": 2, "residua'
+        """
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["status"] = self.status.name
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
     def without_rows(self) -> SolveRecord:
         """This record with no per-row fields: that of one vector, run as a row."""
         return replace(self, sample_iterations=(), sample_residuals=(), sample_converged=())
@@ -117,6 +131,15 @@ class SolveInfo:
     backward: SolveRecord | None = None
     adjoint: SolveInfo | None = None
     tangent: SolveRecord | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Each record as :meth:`SolveRecord.to_dict` (None where no solve ran)."""
+        return {
+            "forward": None if self.forward is None else self.forward.to_dict(),
+            "backward": None if self.backward is None else self.backward.to_dict(),
+            "adjoint": None if self.adjoint is None else self.adjoint.to_dict(),
+            "tangent": None if self.tangent is None else self.tangent.to_dict(),
+        }
 
 
 class LatestRecords(threading.local):

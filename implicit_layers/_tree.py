@@ -106,6 +106,11 @@ class FlatSpace:
                     f"(float16/32/64, bfloat16, complex64/128), got {leaf.dtype}."
                 )
         first = leaves[0]
+        if first.device.type == "meta":
+            raise ValueError(
+                f"`{name}` is on the meta device, which holds shapes but no values: a solve "
+                "needs values. Move it to the CPU or a GPU."
+            )
         for index, leaf in enumerate(leaves[1:], 1):
             if leaf.dtype != first.dtype or leaf.device != first.device:
                 raise TypeError(
@@ -113,6 +118,9 @@ class FlatSpace:
                     f"as one vector: leaf 0 is {first.dtype} on {first.device}, leaf {index} is "
                     f"{leaf.dtype} on {leaf.device}."
                 )
+        if not sum(leaf.numel() for leaf in leaves):
+            shapes = [tuple(leaf.shape) for leaf in leaves]
+            raise ValueError(f"`{name}` has no entries (shapes {shapes}): nothing to solve.")
         self.name = name
         self.shapes = tuple(tuple(leaf.shape) for leaf in leaves)
         self.numels = tuple(leaf.numel() for leaf in leaves)

@@ -183,9 +183,10 @@ def test_neumann_counts_the_warm_start_residual_and_sums_from_it():
     b, x0 = torch.tensor([1.0, -2.0], dtype=f64), torch.tensor([0.5, 0.5], dtype=f64)
     x, record = Neumann(max_iter=3, tol=0.0).solve(A, b, x0)
     J_T = torch.eye(2, dtype=f64) - A
-    series = sum(torch.linalg.matrix_power(J_T, i) for i in range(4)) @ (b - A @ x0)
+    alpha = (A @ x0) @ b / ((A @ x0) @ (A @ x0))  # the warm start is scaled (scaled_start)
+    series = sum(torch.linalg.matrix_power(J_T, i) for i in range(4)) @ (b - alpha * A @ x0)
     assert record.products == 4
-    assert torch.allclose(x, x0 + series, rtol=1e-12)
+    assert torch.allclose(x, alpha * x0 + series, rtol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)

@@ -20,7 +20,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from .._compat import CAN_REENABLE_FORWARD_GRAD, forward_grad_enabled
+from .._compat import CAN_REENABLE_FORWARD_GRAD, forward_grad_enabled, version_of
 from .._forward import ForwardSolver
 from .._operator import FunctionOperator
 from .._records import (
@@ -36,7 +36,7 @@ from .._tree import FlatSpace, tree_flatten, tree_unflatten
 from ._differentiate import Differentiation, as_differentiation
 from ._residual import Form, ImplicitOperator, Residual, ResidualGraph
 
-__all__ = ["ImplicitLayer", "Equation", "solve_on_rows", "made_or_decorator"]
+__all__ = ["ImplicitLayer", "Equation", "solve_on_rows", "made_or_decorator", "checked_call"]
 
 
 class Equation(abc.ABC):
@@ -77,6 +77,22 @@ class Equation(abc.ABC):
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``w -> Phi(w, *params)`` on flat vectors, or None for a kind with no such map."""
         return None
+
+
+def checked_call(
+    function: Callable, name: str, w: torch.Tensor, space: FlatSpace, *args: Any
+) -> Any:
+    """``function(w as a tree, *args)``, refusing a function that changed ``w`` in place (it
+    would corrupt the solver's iterate and the caller's ``w0``, and look converged)."""
+    before = version_of(w)
+    out = function(space.unflatten(w), *args)
+    if before is not None and version_of(w) != before:
+        raise ValueError(
+            f"`{name}` changed its input w in place (an operation such as "
+            "w.mul_() or w += ...); it must return a new tensor: write w = w * 0.5 + c, not "
+            "w.mul_(0.5).add_(c)."
+        )
+    return out
 
 
 def solve_on_rows(
@@ -190,7 +206,10 @@ class ImplicitLayer(nn.Module):
         """Like calling the layer, and also return this call's :class:`SolveInfo`."""
         space = FlatSpace(w0, self.equation.start_name, per_sample=self.per_sample)
         call = _Call(self, space, params)
-        w_star = self.differentiation.run(call, space.flatten(w0).detach())
+        start = space.flatten(w0).detach()
+        if len(space.shapes) == 1:  # a view of the caller's tensor: the solver gets its own
+            start = start.clone()
+        w_star = self.differentiation.run(call, start)
         del call.tensors  # the backward reads the saved tensors: keep no other reference
         return space.unflatten(w_star), call.info
 
@@ -317,8 +336,10 @@ class _Call:
         w_star, record = self.equation.find(self.layer.solver, function, self.space, params, w0)
         self.file_forward(record)
         w_star = poisoned_if_nonfinite(w_star, record)
-        if w_star.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr():
-            w_star = w_star.clone()  # never hand back (a view of) the caller's w0
+        inputs = [w0, *tensors]
+        storages = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+        if w_star.numel() and w_star.untyped_storage().data_ptr() in storages:
+            w_star = w_star.clone()  # never hand back (a view of) w0 or a param
         return w_star
 
     def file_forward(self, record: SolveRecord) -> None:

@@ -116,6 +116,13 @@ class ResidualGraph:
             w = tree_unflatten(self.space.spec, self.w_vars)
             self.outputs = list(self.residual(w, *self.rebuild_params(self.param_vars)))
         known = self.w_vars + [p for p, need in zip(self.param_vars, self.needs_grad) if need]
+        if any(self.needs_grad) and not any(out.requires_grad for out in self.outputs):
+            raise ValueError(
+                "the layer's function returned an output with no graph to w or to the params "
+                "that require grad, so the backward has nothing to differentiate. If it was "
+                "detached (.detach(), .data, torch.no_grad() inside), keep its graph; if it "
+                "really depends on none of them, its gradient is zero: do not ask for one."
+            )
         _check_no_foreign_tensors(self.outputs, known, self.w_vars)
         self._built = True
 

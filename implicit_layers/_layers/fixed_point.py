@@ -11,7 +11,7 @@ from .._forward import Anderson, ForwardSolver, as_forward_solver
 from .._linear import GMRES
 from .._records import OnFailure
 from .._tree import FlatSpace
-from ._core import Equation, ImplicitLayer, made_or_decorator, solve_on_rows
+from ._core import Equation, ImplicitLayer, checked_call, made_or_decorator, solve_on_rows
 from ._residual import FIXED_POINT
 
 __all__ = ["fixed_point_layer", "FixedPointLayer", "FixedPointEquation"]
@@ -36,7 +36,9 @@ class FixedPointEquation(Equation):
     def step_map(self, space: FlatSpace, phi: Callable, params: tuple):
         def step(w: torch.Tensor) -> torch.Tensor:
             return space.flatten_leaves(
-                space.check(phi(space.unflatten(w), *params), self.output_name)
+                space.check(
+                    checked_call(phi, self.function_name, w, space, *params), self.output_name
+                )
             )
 
         return step

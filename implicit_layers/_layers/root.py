@@ -10,7 +10,7 @@ import torch
 from .._forward import ForwardSolver, Newton, as_forward_solver
 from .._linear import GMRES
 from .._records import OnFailure
-from ._core import Equation, ImplicitLayer, made_or_decorator, solve_on_rows
+from ._core import Equation, ImplicitLayer, checked_call, made_or_decorator, solve_on_rows
 from ._residual import ROOT
 
 __all__ = ["root_layer", "RootLayer", "RootEquation"]
@@ -33,7 +33,7 @@ class RootEquation(Equation):
     def find(self, solver, F, space, params, w0):
         def residual(w: torch.Tensor) -> torch.Tensor:
             return space.flatten_leaves(
-                space.check(F(space.unflatten(w), *params), self.output_name)
+                space.check(checked_call(F, "F", w, space, *params), self.output_name)
             )
 
         def step(w: torch.Tensor) -> torch.Tensor:

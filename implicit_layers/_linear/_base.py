@@ -60,6 +60,8 @@ class LinearSolver(abc.ABC):
             return torch.full_like(b, math.nan), self._trivial_record(Status.NONFINITE, math.nan)
         x0_scaled = None if x0 is None else x0 / scale
         x_scaled, record = self._run(counted, b / scale, x0_scaled, scale_value)
+        if record.status is Status.NONFINITE:  # never a finite made-up answer (GMRES: zero)
+            x_scaled = torch.full_like(x_scaled, math.nan)
         unscaled = dataclasses.replace(
             record, residual=record.residual * scale_value, atol=getattr(self, "atol", None)
         )
@@ -100,7 +102,7 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
         if x0 is None:  # r0 = b: no product is spent on A @ 0
             x, residual = torch.zeros_like(b), b.clone()
         else:
-            x, residual = x0.clone(), b - operator.mv(x0)
+            x, residual = scaled_start(x0, operator.mv(x0), b)
         b_norm = float(torch.linalg.vector_norm(b))
         state = self._start(operator, x, residual, b_norm)
         x, record = self._iterate(
@@ -122,6 +124,25 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
         b_norm: float,
     ) -> LinearSolverState:
         """The state of a run from iterate ``x`` with residual ``b - A x``."""
+
+
+def scaled_start(
+    x0: torch.Tensor, product: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start ``alpha x0`` of least residual, and that residual ``b - alpha A x0``, from
+    ``product = A x0``: ``alpha = (A x0)^H b / ||A x0||^2``.
+
+    A warm start comes from another system, often of another scale (AMP rescales the loss;
+    a gradient shrinks as training converges). Taken as it is, ``x0`` can be many times larger
+    than the solution: the initial residual swamps ``b``, and the residual a Krylov method
+    updates by its recurrences drifts from the true one, so a solve can report convergence at
+    a wrong answer. Scaled, the start is never worse than zero (``||r0|| <= ||b||``), and a
+    non-finite ``x0`` (an overflowed step) or one with ``A x0 = 0`` is dropped for zero."""
+    energy = torch.vdot(product, product).real
+    alpha = torch.vdot(product, b) / energy
+    if not (bool(torch.isfinite(alpha)) and float(energy) > 0):
+        return torch.zeros_like(b), b.clone()
+    return alpha * x0, b - alpha * product
 
 
 class LinearSolverState(IterationState):

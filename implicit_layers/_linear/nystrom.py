@@ -55,7 +55,14 @@ class Nystrom(LinearSolver):
         columns = operator.mm(units)  # C = A[:, K]: n x rank
         core = self.rho * columns[indices] + columns.mH @ columns  # rho W + C^H C
         core = 0.5 * (core + core.mH)
-        x = (b - columns @ torch.linalg.solve(core, columns.mH @ b)) / self.rho
+        try:
+            x = (b - columns @ torch.linalg.solve(core, columns.mH @ b)) / self.rho
+        except torch.linalg.LinAlgError as error:
+            raise torch.linalg.LinAlgError(
+                f"Nystrom: its {rank} x {rank} core matrix rho W + C^H C is singular in "
+                f"{b.dtype} (rho = {self.rho}): the sketched columns are nearly dependent. "
+                "Raise `rho`, lower `rank`, solve in float64, or use GMRES or Direct."
+            ) from error
         if not self.measure_residual:
             finite = bool(torch.isfinite(x).all())
             return x, unmeasured_record(

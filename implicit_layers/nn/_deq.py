@@ -100,6 +100,13 @@ class DEQ(FixedPointLayer):
         if z0 is not None:
             _check_batch(z0, leaves)
             return self.solve(z0, x)[0]
+        odd = [leaf.dtype for leaf in leaves if not (leaf.is_floating_point() or leaf.is_complex())]
+        if odd:
+            raise TypeError(
+                f"`x` holds a tensor of dtype {odd[0]}: with neither `z0` nor `z_init` the state "
+                "starts at zeros_like(x), which must be floating-point. Convert x (x.float()), "
+                "or pass z0 (DEQ.forward(x, z0)) or z_init (DEQ(cell, z_init=...))."
+            )
         z0 = _zeros_like(x)
         try:
             return self.solve(z0, x)[0]
