@@ -46,65 +46,74 @@ def orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=f64))[0]
 
 
-def build(kind: str, seed: int, n: int) -> Case:
+def build(
+    kind: str, seed: int, n: int, dtype=f64, reference: bool = False, on_failure: str = "raise"
+) -> Case:
+    """The problem, drawn in float64 and rounded to ``dtype``; with ``reference`` its tensors are
+    those rounded values in float64 (the reference is then exact for what the layer saw)."""
+    work = f64 if reference else dtype
+
+    def rounded(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype).to(work)
+
     generator = torch.Generator().manual_seed(seed)
-    B = torch.randn(n, 2, generator=generator, dtype=f64)
-    lam = torch.randn(2, generator=generator, dtype=f64, requires_grad=True)
-    G = torch.randn(n, generator=generator, dtype=f64)
+    B = rounded(torch.randn(n, 2, generator=generator, dtype=f64))
+    lam = rounded(torch.randn(2, generator=generator, dtype=f64)).requires_grad_()
+    G = rounded(torch.randn(n, generator=generator, dtype=f64))
     q = orthogonal(n, generator)
     spectrum = 0.2 + 1.3 * torch.rand(n, generator=generator, dtype=f64)  # in [0.2, 1.5]
+    zeros = torch.zeros(n, dtype=work)
     if kind in ("fixed point", "DEQ"):
         A = torch.randn(n, n, generator=generator, dtype=f64)
-        A = 0.6 * A / torch.linalg.matrix_norm(A, 2)
+        A = rounded(0.6 * A / torch.linalg.matrix_norm(A, 2))
 
         def phi(w, lam):  # lam: shared, or (a DEQ's input) one copy per row
             return torch.tanh(w @ A.T + lam @ B.T)
 
         def make(solver, backward):
             if kind == "DEQ":
-                deq = DEQ(phi, solver=solver, backward=backward, on_failure="raise")
-                return _Rows(deq)
-            return fixed_point_layer(phi, solver=solver, backward=backward, on_failure="raise")
+                return _Rows(DEQ(phi, solver=solver, backward=backward, on_failure=on_failure))
+            return fixed_point_layer(phi, solver=solver, backward=backward, on_failure=on_failure)
 
-        rows = 3 if kind == "DEQ" else None
-        w0 = torch.zeros(n, dtype=f64) if rows is None else torch.zeros(rows, n, dtype=f64)
-        G = G if rows is None else torch.randn(rows, n, generator=generator, dtype=f64)
-        return Case(make, lambda w, lam: w - phi(w, lam), w0, lam, G, "contraction")
+        if kind == "DEQ":
+            zeros = torch.zeros(3, n, dtype=work)
+            G = rounded(torch.randn(3, n, generator=generator, dtype=f64))
+        return Case(make, lambda w, lam: w - phi(w, lam), zeros, lam, G, "contraction")
     if kind == "gradient step":
-        Q = q @ torch.diag(spectrum) @ q.T
+        Q = rounded(q @ torch.diag(spectrum) @ q.T)
 
         def step(w, lam):
             return w - (Q @ w - B @ lam)
 
         def make(solver, backward):
-            return fixed_point_layer(step, solver=solver, backward=backward, on_failure="raise")
+            return fixed_point_layer(step, solver=solver, backward=backward, on_failure=on_failure)
 
         residual = lambda w, lam: w - step(w, lam)  # noqa: E731
-        return Case(make, residual, torch.zeros(n, dtype=f64), lam, G, "spd contraction")
+        return Case(make, residual, zeros, lam, G, "spd contraction")
     if kind == "argmin":
-        Q = (
-            q @ torch.diag(spectrum - 0.1) @ q.T
-        )  # Hessian Q + 0.1 sech^2: eigenvalues in [0.1, 1.5]
+        Q = rounded(q @ torch.diag(spectrum - 0.1) @ q.T)  # Hessian eigenvalues in [0.1, 1.5]
 
         def f(w, lam):
             return 0.5 * w @ Q @ w - (B @ lam) @ w + 0.1 * torch.log(torch.cosh(w)).sum()
 
         def make(solver, backward):
-            return argmin_layer(f, solver=LBFGS(tol=1e-13, max_iter=500), backward=backward)
+            solver = solver or LBFGS(tol=1e-13, max_iter=500)
+            return argmin_layer(f, solver=solver, backward=backward, on_failure=on_failure)
 
         residual = lambda w, lam: torch.func.grad(f)(w, lam)  # noqa: E731
-        return Case(make, residual, torch.zeros(n, dtype=f64), lam, G, "spd contraction")
+        return Case(make, residual, zeros, lam, G, "spd contraction")
     if kind == "root":
         signs = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).to(f64)
-        K = q @ torch.diag((1 + spectrum) * signs) @ q.T  # symmetric, indefinite for n > 1
+        K = rounded(q @ torch.diag((1 + spectrum) * signs) @ q.T)  # symmetric, indefinite
 
         def F(w, lam):
             return K @ w + 0.1 * torch.tanh(w) - B @ lam
 
         def make(solver, backward):
-            return root_layer(F, solver=solver or Newton(tol=1e-13), backward=backward)
+            solver = solver or Newton(tol=1e-13)
+            return root_layer(F, solver=solver, backward=backward, on_failure=on_failure)
 
-        return Case(make, F, torch.zeros(n, dtype=f64), lam, G, "general")
+        return Case(make, F, zeros, lam, G, "general")
     raise ValueError(kind)
 
 
