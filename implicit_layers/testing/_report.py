@@ -164,10 +164,16 @@ class GradientCheck:
                 f"directions ({which})."
             )
         if not self.conclusive:
+            advice = (
+                "Tighten the solvers' `tol`, or let the check run in float64."
+                if self.layers
+                else "Pass the function's layers as `layers=`: the tolerance then follows from "
+                "their records instead of an assumed tau = 1e-6."
+            )
             return (
                 f"inconclusive: the tolerance is {self.resolution:.1%} of the gradient's size "
                 f"(above {MAX_RESOLUTION:.0%}), too loose to tell a wrong gradient from a right "
-                "one. Tighten the solvers' `tol`, or let the check run in float64."
+                f"one. {advice}"
             )
         return f"autograd agrees with finite differences in all {count} directions."
 
