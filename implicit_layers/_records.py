@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
 import math
 import threading
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
+
+import torch
 
 __all__ = [
     "Status",
@@ -215,14 +219,27 @@ def describe_failure(record: SolveRecord, stage: str) -> str:
     return f"{stage} solve {record.summary()}{where}. {advice}".rstrip()
 
 
-def report(record: SolveRecord, stage: str, on_failure: OnFailure) -> None:
+def report(record: SolveRecord, stage: str, on_failure: OnFailure, note: str = "") -> None:
     """Warn, raise or stay quiet about a failed solve, as ``on_failure`` asks."""
     if not record.failed or on_failure == "ignore":
         return
-    message = describe_failure(record, stage)
+    message = describe_failure(record, stage) + note
     if on_failure == "raise":
         raise ConvergenceError(message, record)
-    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    warnings.warn(message, ConvergenceWarning, stacklevel=_callers_level())
+
+
+_INSIDE = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch: the user's line
+    (the layer call, or ``loss.backward()``; on a device's autograd thread there is none, and
+    the warning points at its innermost frame)."""
+    frame, level = sys._getframe(2), 2  # the frame that called report
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 def measured_record(

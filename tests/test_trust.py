@@ -249,3 +249,28 @@ def test_a_phi_that_detaches_its_output_is_named_in_the_backward():
     w = layer(torch.zeros(2), c)
     with pytest.raises(ValueError, match="no graph to w or to the params"):
         w.sum().backward()
+
+
+# --- warnings: once per layer and cause, at the user's line ---------------------------------
+
+
+def test_a_layer_failing_every_step_warns_once_at_the_callers_line_and_counts():
+    layer = fixed_point_layer(lambda w, c: 0.99 * w + c, solver=FixedPoint(max_iter=5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own rule: once per message and line
+        for _ in range(4):
+            c = torch.ones(2, requires_grad=True)
+            layer(torch.zeros(2), c).sum().backward()  # the messages differ from step to step
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert "counted in `layer.failures`" in str(caught[0].message)
+    assert layer.failures[("forward", "MAX_ITER")] == 4
+
+
+def test_a_failing_backward_warns_at_the_backward_call():
+    layer = fixed_point_layer(lambda w, c: 0.9 * w + c, backward=GMRES(max_iter=1, tol=1e-12))
+    c = torch.ones(3, requires_grad=True)
+    w = layer(torch.zeros(3), c)
+    with pytest.warns(ConvergenceWarning) as caught:
+        (w * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert caught[0].filename == __file__
+    assert layer.failures == {("backward", "MAX_ITER"): 1}

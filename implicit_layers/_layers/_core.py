@@ -11,6 +11,7 @@ work the differentiation asks for: the forward solve, the backward solve ``F_w^T
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import math
 from collections.abc import Callable, Sequence
@@ -124,8 +125,9 @@ class ImplicitLayer(nn.Module):
     records of the latest solves made by the calling thread. A forward stopped by a NaN/Inf
     returns NaN (after the ``on_failure`` policy), so the failure reaches the loss. With
     ``warm_start=True`` each backward solve starts from the previous backward's solution of the
-    same thread (when its shape matches). A failed solve warns (``on_failure="warn"``), raises
-    ``ConvergenceError`` (``"raise"``) or is only recorded (``"ignore"``). With
+    same thread (when its shape matches). A failed solve warns (``on_failure="warn"``; once per
+    layer, stage and status, at the caller's line, with the running count in ``layer.failures``),
+    raises ``ConvergenceError`` (``"raise"``) or is only recorded (``"ignore"``). With
     ``per_sample=True`` every leaf of ``w0`` has a batch of independent samples in its first
     dimension, and each sample is judged and recorded on its own.
 
@@ -176,6 +178,8 @@ class ImplicitLayer(nn.Module):
         self.per_sample = per_sample
         self.order = order  # 1 for the adjoint layer of a differentiable backward, 2 for its...
         self._latest = LatestRecords()
+        # failed solves by (stage, status): the running count behind the warnings given once
+        self.failures: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @property
     def function(self) -> Callable[..., Any]:
@@ -217,8 +221,17 @@ class ImplicitLayer(nn.Module):
         return f"solver={self.solver!r}, backward={self.differentiation!r}"
 
     def _report(self, record: SolveRecord, stage: str) -> None:
+        """Count a failed solve in :attr:`failures` and act on it by ``on_failure``; a warning
+        comes once per layer, stage and status (a loop failing every step would otherwise
+        repeat it, its numbers changing, past Python's once-per-line rule)."""
         order = "" if stage == "forward" or self.order == 0 else f"order-{self.order + 1} "
-        report(record, order + stage, self.on_failure)
+        if record.failed:
+            key = (order + stage, record.status.name)
+            self.failures[key] += 1
+            if self.on_failure == "warn" and self.failures[key] > 1:
+                return
+        note = " Further failures of this kind are counted in `layer.failures`, not warned again."
+        report(record, order + stage, self.on_failure, note)
 
 
 def made_or_decorator(layer_class: type, function: Callable | None, **options: Any) -> Any:
