@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import sys
 import math
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 import torch
@@ -236,7 +237,8 @@ def _callers_level() -> int:
     """The ``stacklevel`` of the first frame outside this package and torch: the user's line
     (the layer call, or ``loss.backward()``; on a device's autograd thread there is none, and
     the warning points at its innermost frame)."""
-    frame, level = sys._getframe(2), 2  # the frame that called report
+    frame: FrameType | None = sys._getframe(2)  # the frame that called report
+    level = 2
     while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
         frame, level = frame.f_back, level + 1
     return level if frame is not None else 2
