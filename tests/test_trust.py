@@ -274,3 +274,43 @@ def test_a_failing_backward_warns_at_the_backward_call():
         (w * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert caught[0].filename == __file__
     assert layer.failures == {("backward", "MAX_ITER"): 1}
+
+
+# --- HyperTorch's maps, verbatim ------------------------------------------------------------
+
+
+def hypertorch_ridge():
+    X = torch.linspace(-1, 1, 60, dtype=f64).reshape(20, 3).sin()
+    y = torch.linspace(0, 1, 20, dtype=f64)
+
+    def f(w, lam):
+        return ((X @ w - y) ** 2).mean() + lam.exp() * (w * w).sum()
+
+    def Phi(w, lam):  # a gradient step written as HyperTorch users write it
+        return w - 0.1 * torch.autograd.grad(f(w, lam), w, create_graph=True)[0]
+
+    return X, Phi
+
+
+def test_a_map_that_takes_gradients_inside_works_in_the_forward_and_the_backward():
+    """It failed with torch's bare `element 0 of tensors does not require grad`."""
+    X, Phi = hypertorch_ridge()
+    lam = torch.tensor(0.1, dtype=f64, requires_grad=True)
+    layer = fixed_point_layer(
+        Phi, solver=FixedPoint(tol=1e-12, max_iter=5000), backward=GMRES(tol=1e-12)
+    )
+    w = layer(torch.zeros(3, dtype=f64), lam)
+    w.sum().backward()
+    H = 2 * X.T @ X / 20 + 2 * lam.detach().exp() * torch.eye(3, dtype=f64)
+    w_star = torch.linalg.solve(H, 2 * X.T @ torch.linspace(0, 1, 20, dtype=f64) / 20)
+    torch.testing.assert_close(w.detach(), w_star)
+    expected = -(2 * lam.detach().exp() * w_star) @ torch.linalg.solve(H, torch.ones(3, dtype=f64))
+    torch.testing.assert_close(lam.grad, expected)
+
+
+def test_a_map_that_takes_gradients_inside_is_named_under_torch_func():
+    _, Phi = hypertorch_ridge()
+    layer = fixed_point_layer(Phi, solver=FixedPoint(tol=1e-10, max_iter=5000))
+    lam = torch.tensor(0.1, dtype=f64)
+    with pytest.raises(RuntimeError, match="takes gradients inside with torch.autograd.grad"):
+        torch.func.jacrev(lambda lam: layer(torch.zeros(3, dtype=f64), lam))(lam)

@@ -14,6 +14,7 @@ import abc
 import collections
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +22,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from .._compat import CAN_REENABLE_FORWARD_GRAD, forward_grad_enabled, version_of
+from .._compat import (
+    CAN_REENABLE_FORWARD_GRAD,
+    forward_grad_enabled,
+    in_functorch_transform,
+    version_of,
+)
 from .._forward import ForwardSolver
 from .._operator import FunctionOperator
 from .._records import (
@@ -84,9 +90,23 @@ def checked_call(
     function: Callable, name: str, w: torch.Tensor, space: FlatSpace, *args: Any
 ) -> Any:
     """``function(w as a tree, *args)``, refusing a function that changed ``w`` in place (it
-    would corrupt the solver's iterate and the caller's ``w0``, and look converged)."""
+    would corrupt the solver's iterate and the caller's ``w0``, and look converged).
+
+    A function that takes gradients inside, as HyperTorch's maps do
+    (``w - a * autograd.grad(f(w), w, create_graph=True)[0]``), fails on the forward's detached
+    ``w``; it then runs with grad mode on and ``w`` requiring grad, its output detached (it is
+    remembered, so the failed attempt is made once per function)."""
     before = version_of(w)
-    out = function(space.unflatten(w), *args)
+    if function in _TAKES_GRADIENTS:
+        out = _with_gradients(function, w, space, args)
+    else:
+        try:
+            out = function(space.unflatten(w), *args)
+        except RuntimeError as error:
+            if w.requires_grad or "does not require grad" not in str(error):
+                raise
+            _TAKES_GRADIENTS.add(function)
+            out = _with_gradients(function, w, space, args)
     if before is not None and version_of(w) != before:
         raise ValueError(
             f"`{name}` changed its input w in place (an operation such as "
@@ -94,6 +114,17 @@ def checked_call(
             "w.mul_(0.5).add_(c)."
         )
     return out
+
+
+_TAKES_GRADIENTS: weakref.WeakSet = weakref.WeakSet()  # functions that differentiate inside
+
+
+def _with_gradients(function: Callable, w: torch.Tensor, space: FlatSpace, args: tuple) -> Any:
+    with torch.enable_grad():
+        out = function(space.unflatten(w.detach().requires_grad_()), *args)
+    leaves, spec = tree_flatten(out)
+    detached = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    return tree_unflatten(spec, detached)
 
 
 def solve_on_rows(
@@ -328,8 +359,19 @@ class _Call:
         region."""
         function, params = self.bind(tensors)
         region = torch.autocast(**self.autocast) if self.autocast else contextlib.nullcontext()
-        with region:
-            return self.equation.residual(self.space, function)(w, *params)
+        try:
+            with region:
+                return self.equation.residual(self.space, function)(w, *params)
+        except RuntimeError as error:
+            if self.layer.function in _TAKES_GRADIENTS and in_functorch_transform():
+                name = self.equation.function_name
+                raise RuntimeError(
+                    f"`{name}` takes gradients inside with torch.autograd.grad, which a "
+                    "torch.func transform (jacrev, grad, vmap) cannot see through. Differentiate "
+                    f"this layer with loss.backward() or torch.autograd.grad, or write `{name}` "
+                    "with torch.func.grad instead."
+                ) from error
+            raise
 
     def step_map(self, tensors: Sequence[torch.Tensor]) -> Any:
         """The equation's fixed-point map on flat vectors, with ``tensors`` as inputs."""
