@@ -58,7 +58,8 @@ class FixedPointLayer(ImplicitLayer):
     """A layer returning the fixed point ``w* = Phi(w*, *params)``, differentiable in ``params``.
 
     Forward: ``solver`` iterates ``w -> Phi(w, *params)`` from ``w0`` with no graph kept (Phi runs
-    under ``torch.no_grad()``; a Phi that takes gradients inside must enable them itself).
+    under ``torch.no_grad()``; a Phi that takes gradients inside, as HyperTorch's maps do, is
+    run with them enabled).
     Backward: with ``b = dL/dw*``, ``backward`` solves ``(I - J)^T x = b`` for
     ``J = dPhi/dw`` at ``(w*, params)``, using vector-Jacobian products from a single evaluation
     of Phi with a graph, and each param that requires grad receives ``(dPhi/dparam)^T x``; or
