@@ -77,6 +77,18 @@ def _relative(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, residual / scale, zero_scale)
 
 
+def precision_floor(first: float, eps: float | None, tol: float) -> float:
+    """The residual below which iterating gains nothing: ``eps`` times the first residual.
+
+    Where the solution is at (or next to) zero, ``tol * ||w||`` vanishes with it and the
+    relative rule alone never stops; once the residual has fallen by the dtype's whole precision
+    from where it started, the iterate is as exact as the dtype can say relative to the
+    problem's own size. With ``tol = 0`` (run the whole budget) there is no floor."""
+    if tol == 0 or eps is None or not math.isfinite(first):
+        return 0.0
+    return eps * first
+
+
 class _Vector:
     """The judge of one vector: Python floats, one read-back per iteration."""
 
@@ -84,6 +96,7 @@ class _Vector:
 
     def __init__(self, state: IterationState, tol: float, atol: float):
         self.state, self.tol, self.atol = state, tol, atol
+        self.floor: float | None = None  # eps times the first residual (see precision_floor)
         self.final = (math.inf, 1.0)  # (residual, scale) of the iterate returned
         self.history: list[float] = []
         self.status: Status | None = None
@@ -91,13 +104,17 @@ class _Vector:
     def __call__(self, pair: tuple[Number, Number], iteration: int) -> bool:
         """Judge one iteration's ``(residual, scale)``; True once the vector is done."""
         residual, scale = pair
+        eps = torch.finfo(residual.dtype).eps if isinstance(residual, torch.Tensor) else None
         if isinstance(residual, torch.Tensor) and isinstance(scale, torch.Tensor):
             residual, scale = torch.stack((residual, scale.to(residual.dtype))).tolist()
         else:
             residual, scale = _as_float(residual), _as_float(scale)
+        if self.floor is None:
+            self.floor = precision_floor(residual, eps, self.tol)
         self.history.append(relative(residual, scale))
-        # not (atol + tol * scale < residual < inf): converged, or a NaN/Inf in either
-        done = not self.atol + self.tol * scale < residual < math.inf
+        # not (threshold < residual < inf): converged, or a NaN/Inf in either
+        threshold = max(self.atol + self.tol * scale, self.floor)
+        done = not threshold < residual < math.inf
         # the state keeps the smallest residual when it returns_best (NaN is never smaller)
         if done or not self.state.returns_best or residual < self.final[0]:
             self.final = (residual, scale)
@@ -129,6 +146,7 @@ class _Rows:
         self.running = list(range(rows))
         self.counts = [first] * rows  # per row: the iteration it stopped at
         self.statuses: list[Status | None] = [None] * rows
+        self.floors: list[float] | None = None  # eps times each row's first residual
 
     def __call__(self, pair: tuple[torch.Tensor, torch.Tensor], iteration: int) -> bool:
         """Judge one iteration's residuals and scales; True once every row is done."""
@@ -137,7 +155,15 @@ class _Rows:
         self.scales.append(scale)
         residuals, scales = torch.stack((residual, scale)).tolist()
         tol, atol = self.tol, self.atol
-        done = [r for r in self.running if not atol + tol * scales[r] < residuals[r] < math.inf]
+        if self.floors is None:
+            eps = torch.finfo(residual.dtype).eps
+            self.floors = [precision_floor(r, eps, tol) for r in residuals]
+        floors = self.floors
+        done = [
+            r
+            for r in self.running
+            if not max(atol + tol * scales[r], floors[r]) < residuals[r] < math.inf
+        ]
         if done:
             for row in done:
                 self.counts[row] = iteration
@@ -252,7 +278,10 @@ class IterativeMethod:
 
     It stops once ``residual <= atol + tol * scale`` or after ``max_iter`` iterations; the
     scale is ``||w||`` for a forward solve and ``||b||`` for a linear solve. One set of defaults
-    (``max_iter=100, tol=1e-6, atol=0``) serves every method.
+    (``max_iter=100, tol=1e-6, atol=0``) serves every method. With ``tol > 0`` it also stops
+    once the residual has fallen to ``eps`` (the dtype's) times the first one measured: at a
+    solution at zero ``tol * ||w||`` vanishes too, and the relative rule alone would never stop
+    (the record's relative residual is then of order 1, which is all a zero solution allows).
     """
 
     max_iter: int = DEFAULT_MAX_ITER

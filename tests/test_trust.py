@@ -18,11 +18,13 @@ from implicit_layers import (
     GMRES,
     LBFGS,
     Anderson,
+    Broyden,
     ConvergenceWarning,
     Direct,
     FixedPoint,
     MatrixOperator,
     Neumann,
+    Newton,
     NormalCG,
     Nystrom,
     argmin_layer,
@@ -267,7 +269,8 @@ def test_a_layer_failing_every_step_warns_once_at_the_callers_line_and_counts():
 
 
 def test_a_failing_backward_warns_at_the_backward_call():
-    layer = fixed_point_layer(lambda w, c: 0.9 * w + c, backward=GMRES(max_iter=1, tol=1e-12))
+    A = torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.4, 0.2], [0.1, 0.0, 0.3]])
+    layer = fixed_point_layer(lambda w, c: A @ w + c, backward=GMRES(max_iter=1, tol=1e-6))
     c = torch.ones(3, requires_grad=True)
     w = layer(torch.zeros(3), c)
     with pytest.warns(ConvergenceWarning) as caught:
@@ -314,3 +317,26 @@ def test_a_map_that_takes_gradients_inside_is_named_under_torch_func():
     lam = torch.tensor(0.1, dtype=f64)
     with pytest.raises(RuntimeError, match="takes gradients inside with torch.autograd.grad"):
         torch.func.jacrev(lambda lam: layer(torch.zeros(3, dtype=f64), lam))(lam)
+
+
+# --- a solution at zero ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize(
+    "solver", [FixedPoint, Anderson, Broyden, Newton], ids=lambda s: s.__name__
+)
+def test_a_fixed_point_at_zero_stops_once_the_residual_has_fallen_by_the_dtypes_precision(
+    solver, dtype
+):
+    """``tol * ||w||`` vanishes at ``w* = 0``: FixedPoint warned MAX_ITER with w at 8e-31."""
+    layer = fixed_point_layer(lambda w: 0.5 * w, solver=solver(), on_failure="raise")
+    w = layer(torch.ones(4, dtype=dtype))
+    record = layer.last_forward
+    assert record.converged and record.iterations < 100
+    assert float(w.abs().max()) <= 4 * torch.finfo(dtype).eps
+    # tol = 0 asks for the whole budget: no floor
+    budget = fixed_point_layer(lambda w: 0.5 * w, solver=FixedPoint(tol=0.0, max_iter=60))
+    with pytest.warns(ConvergenceWarning, match="budget ran out"):
+        budget(torch.ones(4, dtype=dtype))
+    assert budget.last_forward.iterations == 60
