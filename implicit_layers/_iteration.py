@@ -83,7 +83,9 @@ def precision_floor(first: float, eps: float | None, tol: float) -> float:
     Where the solution is at (or next to) zero, ``tol * ||w||`` vanishes with it and the
     relative rule alone never stops; once the residual has fallen by the dtype's whole precision
     from where it started, the iterate is as exact as the dtype can say relative to the
-    problem's own size. With ``tol = 0`` (run the whole budget) there is no floor."""
+    problem's own size. With ``tol = 0`` (run the whole budget) there is no floor, nor for a
+    linear solve (``floor=False``): its scale ``||b||`` never vanishes, and a poor warm start
+    would make the first residual a false measure of the problem."""
     if tol == 0 or eps is None or not math.isfinite(first):
         return 0.0
     return eps * first
@@ -94,8 +96,8 @@ class _Vector:
 
     per_row = False
 
-    def __init__(self, state: IterationState, tol: float, atol: float):
-        self.state, self.tol, self.atol = state, tol, atol
+    def __init__(self, state: IterationState, tol: float, atol: float, floor: bool):
+        self.state, self.tol, self.atol, self.uses_floor = state, tol, atol, floor
         self.floor: float | None = None  # eps times the first residual (see precision_floor)
         self.final = (math.inf, 1.0)  # (residual, scale) of the iterate returned
         self.history: list[float] = []
@@ -110,7 +112,7 @@ class _Vector:
         else:
             residual, scale = _as_float(residual), _as_float(scale)
         if self.floor is None:
-            self.floor = precision_floor(residual, eps, self.tol)
+            self.floor = precision_floor(residual, eps, self.tol) if self.uses_floor else 0.0
         self.history.append(relative(residual, scale))
         # not (threshold < residual < inf): converged, or a NaN/Inf in either
         threshold = max(self.atol + self.tol * scale, self.floor)
@@ -139,8 +141,11 @@ class _Rows:
 
     per_row = True
 
-    def __init__(self, state: IterationState, tol: float, atol: float, first: int, rows: int):
+    def __init__(
+        self, state: IterationState, tol: float, atol: float, first: int, rows: int, floor: bool
+    ):
         self.state, self.tol, self.atol, self.first = state, tol, atol, first
+        self.uses_floor = floor
         self.residuals: list[torch.Tensor] = []  # per iteration judged, from ``first`` on
         self.scales: list[torch.Tensor] = []
         self.running = list(range(rows))
@@ -157,7 +162,8 @@ class _Rows:
         tol, atol = self.tol, self.atol
         if self.floors is None:
             eps = torch.finfo(residual.dtype).eps
-            self.floors = [precision_floor(r, eps, tol) for r in residuals]
+            floor = self.uses_floor
+            self.floors = [precision_floor(r, eps, tol) if floor else 0.0 for r in residuals]
         floors = self.floors
         done = [
             r
@@ -215,6 +221,7 @@ def iterate(
     atol: float,
     products: Callable[[], int],
     initial: tuple[Number, Number] | None = None,
+    floor: bool = True,
 ) -> tuple[torch.Tensor, SolveRecord]:
     """Run ``state`` until every row has ``residual <= atol + tol * scale`` (or a NaN/Inf), or
     ``max_iter`` steps; a row that is done is frozen while the others go on.
@@ -226,9 +233,9 @@ def iterate(
     iterations, pair = (0, initial) if initial is not None else (1, state.step())
     residual = pair[0]
     if isinstance(residual, torch.Tensor) and residual.ndim == 1:
-        judge: Any = _Rows(state, tol, atol, iterations, len(residual))
+        judge: Any = _Rows(state, tol, atol, iterations, len(residual), floor)
     else:
-        judge = _Vector(state, tol, atol)
+        judge = _Vector(state, tol, atol, floor)
     while not judge(pair, iterations) and state.stopped is None and iterations < max_iter:
         iterations += 1
         pair = state.step()
@@ -299,9 +306,10 @@ class IterativeMethod:
         products: Callable[[], int],
         initial: tuple[Number, Number] | None = None,
         unit: float = 1.0,
+        floor: bool = True,
     ) -> tuple[torch.Tensor, SolveRecord]:
         """:func:`iterate` with these options; ``atol`` is divided by ``unit``, the factor the
-        problem was scaled by."""
+        problem was scaled by; ``floor`` as :func:`precision_floor` (off for linear solves)."""
         return iterate(
             state,
             method=type(self).__name__,
@@ -310,4 +318,5 @@ class IterativeMethod:
             atol=self.atol / unit,
             products=products,
             initial=initial,
+            floor=floor,
         )

@@ -110,6 +110,7 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
             products=lambda: operator.products,
             initial=(torch.linalg.vector_norm(residual), b_norm),
             unit=unit,
+            floor=False,
         )
         if operator.rows is not None:  # GMRES forms its residual vector only here
             record = with_rows(record, operator, state.residual_vector(), b)

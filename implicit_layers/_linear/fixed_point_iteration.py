@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._iteration import IterationState
-from ._base import LinearSolver
+from ._base import LinearSolver, scaled_start
 
 __all__ = ["FixedPointIteration"]
 
@@ -43,10 +43,15 @@ class FixedPointIteration(LinearSolver):
         def step(x: torch.Tensor) -> torch.Tensor:
             return b_rows + x - operator.mv(x.reshape(-1)).view(rows, -1)
 
-        start = b_rows.clone() if x0 is None else x0.view(rows, -1)
+        if x0 is None:
+            start = b_rows.clone()
+        else:  # the best multiple of x0, as for every linear solver: one product
+            start = scaled_start(x0, operator.mv(x0), b)[0].view(rows, -1)
         scale = torch.linalg.vector_norm(b_rows, dim=1)
         state = _JudgedAgainst(self.solver._start(step, start), scale)
-        x, record = self.solver._iterate(state, products=lambda: operator.products, unit=unit)
+        x, record = self.solver._iterate(
+            state, products=lambda: operator.products, unit=unit, floor=False
+        )
         return x.reshape(-1), record if operator.rows else record.without_rows()
 
 
