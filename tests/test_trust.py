@@ -54,7 +54,9 @@ def gradient(layer, problem, scale: float = 1.0):
     seed=st.integers(0, 2**31 - 1),
     dim=st.integers(1, 6),
     dtype=st.sampled_from([f32, f64]),
-    backward=st.sampled_from(["GMRES", "BiCGSTAB", "Neumann"]),
+    backward=st.sampled_from(
+        ["GMRES", "BiCGSTAB", "Neumann", "FixedPoint (adjoint)", "Anderson (adjoint)"]
+    ),
     scales=st.lists(st.sampled_from([1e-30, 1e-8, 1e-4, 1.0, 1e4]), min_size=2, max_size=4),
 )
 def test_a_warm_start_across_changes_of_scale_gives_the_cold_gradient(
@@ -84,9 +86,9 @@ def test_a_warm_start_across_changes_of_scale_gives_the_cold_gradient(
 
 
 def by_name_backward(name: str):
-    from registry import LINEAR
+    from registry import ADJOINT, LINEAR
 
-    entry = by_name(LINEAR)[name]
+    entry = by_name(LINEAR + ADJOINT)[name]
     return lambda tol: entry.make(tol, 500)
 
 
