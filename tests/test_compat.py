@@ -27,7 +27,8 @@ for path in {deleted!r}:
             eval(module, {{"torch": torch}}), name)
 import torch.autograd.forward_ad as fwAD
 import implicit_layers
-from implicit_layers import GMRES, FixedPoint, NormalCG, argmin_layer, fixed_point_layer
+from implicit_layers import GMRES, FixedPoint, GradientDescent, NormalCG, argmin_layer
+from implicit_layers import fixed_point_layer
 import implicit_layers._compat as compat
 
 f64 = torch.float64
@@ -49,7 +50,10 @@ with fwAD.dual_level():  # the tangent solve, with GMRES
 assert torch.allclose(got, tangent, atol=1e-10), (got, tangent)
 # an argmin layer's Hessian products go through the same engine call
 X = torch.randn(8, 5, generator=g, dtype=f64)
-ridge = argmin_layer(lambda w, lam: ((X @ w) ** 2).sum() / 2 - lam @ w)
+# (a minimizer of ours: torch's own LBFGS needs the private forward-AD switch)
+lr = float(1 / torch.linalg.eigvalsh(X.T @ X).max())
+ridge = argmin_layer(lambda w, lam: ((X @ w) ** 2).sum() / 2 - lam @ w,
+                     solver=GradientDescent(lr=lr, tol=1e-13, max_iter=100_000))
 (grad,) = torch.autograd.grad(ridge(torch.zeros(5, dtype=f64), lam) @ v, lam)
 assert torch.allclose(grad, torch.linalg.solve(X.T @ X, v), atol=1e-5)
 print("fallbacks", compat._engine_run_backward is None, compat.CAN_REENABLE_FORWARD_GRAD,

@@ -342,3 +342,48 @@ def test_a_fixed_point_at_zero_stops_once_the_residual_has_fallen_by_the_dtypes_
     with pytest.warns(ConvergenceWarning, match="budget ran out"):
         budget(torch.ones(4, dtype=dtype))
     assert budget.last_forward.iterations == 60
+
+
+# --- a minimizer's record states the residual it reached -------------------------------------
+
+
+def newton_minimum(f, w, args, steps: int = 30):
+    for _ in range(steps):
+        w = w - torch.linalg.solve(torch.func.hessian(f)(w, *args), torch.func.grad(f)(w, *args))
+    return w
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), dim=st.integers(2, 10), condition=st.floats(2.0, 1e3))
+def test_lbfgs_never_records_more_accuracy_than_it_reached(seed, dim, condition):
+    """LBFGS(tol=1e-11) recorded 'relative residual 0.000e+00, converged' with w 1.2e-8 from
+    the Newton solution: a stall within the loss's rounding was reported as a zero step."""
+    from implicit_layers.testing._problems import logistic_problem
+
+    problem = logistic_problem(seed, dim, condition, f64)
+    w0, lam, *data = problem.inputs
+    layer = argmin_layer(problem.f, solver=LBFGS(tol=1e-11, max_iter=1000), on_failure="ignore")
+    w = layer(w0, lam.detach(), *data).detach()
+    exact = newton_minimum(problem.f, w.clone(), (lam.detach(), *data))
+    distance = float((w - exact).norm() / exact.norm())
+    record = layer.last_forward
+    claimed = max(record.relative_residual, record.tol)
+    assert distance <= 10 * problem.condition * claimed + 1e-14, (distance, record.summary())
+
+
+def test_argmin_defaults_converge_on_easy_least_squares():
+    """The old default, GradientDescent(lr=0.1), diverged to 1e60 on a 30 x 8 least-squares
+    problem and warned on a 20 x 5 ridge one."""
+    generator = torch.Generator().manual_seed(0)
+    for n, d, decay in ((30, 8, 0.0), (20, 5, 0.1)):
+        X = 3 * torch.randn(n, d, generator=generator, dtype=f64)
+        y = torch.randn(n, generator=generator, dtype=f64)
+        lam = torch.tensor(decay, dtype=f64, requires_grad=True)
+        layer = argmin_layer(
+            lambda w, lam, X=X, y=y: ((X @ w - y) ** 2).sum() / 2 + lam * (w * w).sum()
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            w = layer(torch.zeros(d, dtype=f64), lam)
+        exact = torch.linalg.solve(X.T @ X + 2 * decay * torch.eye(d, dtype=f64), X.T @ y)
+        torch.testing.assert_close(w.detach(), exact, rtol=1e-5, atol=1e-8)

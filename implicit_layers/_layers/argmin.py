@@ -9,7 +9,7 @@ import torch
 
 from .._compat import in_functorch_transform
 from .._linear import CG
-from .._minimize import GradientDescent, Minimizer, as_minimizer
+from .._minimize import LBFGS, Minimizer, as_minimizer
 from .._records import OnFailure
 from .._tree import FlatSpace, tree_flatten, tree_unflatten
 from ._core import Equation, ImplicitLayer, made_or_decorator
@@ -17,7 +17,7 @@ from ._residual import ROOT
 
 __all__ = ["argmin_layer", "ArgminLayer", "ArgminEquation", "gradient_residual"]
 
-DEFAULT_MINIMIZER = GradientDescent()
+DEFAULT_MINIMIZER = LBFGS()  # a line search: no step size to tune (issue 15 item 7)
 DEFAULT_HESSIAN_SOLVER = CG()  # the Hessian at a strict minimum is symmetric positive definite
 
 
@@ -29,7 +29,7 @@ class ArgminEquation(Equation):
     function_name = "f"
     output_name = "f's output"
     solver_type = Minimizer
-    solver_examples = "GradientDescent(), LBFGS()"
+    solver_examples = "LBFGS(), GradientDescent()"
 
     def find(self, solver, f, space, params, w0):
         if torch.is_inference_mode_enabled():
@@ -126,7 +126,8 @@ def argmin_layer(
 ):
     """Make an :class:`ArgminLayer` from ``f(w, *params)``; also usable as a decorator.
 
-    ``solver``: :class:`GradientDescent` (default), :class:`LBFGS`, or a callable
+    ``solver``: :class:`LBFGS` (default: a line search, no step size to tune),
+    :class:`GradientDescent` (with a step below ``2 / L``), or a callable
     ``solver(f, w0) -> w`` such as a user's inner training loop (``f(w)`` returns the loss).
     ``backward`` solves the Hessian system: :class:`CG` by default, since the Hessian at a strict
     minimum is symmetric positive definite; any linear solver or callable works.

@@ -26,7 +26,8 @@ class LBFGS(IterativeMethod, Minimizer):
     ``d`` (zero at a zero gradient). Within the tolerance, it has converged; so it has where
     the decrease that step promises, ``lr |grad f . d|``, is within the rounding noise of the
     loss, taken as ``sqrt(eps) |f|`` since a loss sums many rounded terms (no line search on
-    ``f`` can get closer to the minimum: the residual is then 0). Else L-BFGS has stalled, and
+    ``f`` can get closer to the minimum; the record then says converged, with that step as its
+    residual: what was reached, even where it is above ``tol``). Else L-BFGS has stalled, and
     stops with status ``INACCURATE``, a failure, with that step as its residual: ``f`` is not
     smooth at ``w`` (a ReLU kink), or its values and gradients disagree (a loss that samples a
     new minibatch per call).
@@ -112,7 +113,9 @@ class _LBFGSState(IterationState):
         if proposed <= options.atol + options.tol * scale:
             return proposed
         if options.lr * grad.dot(d).abs() <= torch.finfo(loss.dtype).eps ** 0.5 * loss.abs():
-            return torch.zeros_like(proposed)  # within f's rounding: no line search sees more
+            # within f's rounding, no line search sees more: converged, at the residual reached
+            self.stopped = Status.CONVERGED
+            return proposed
         self.stopped = Status.INACCURATE  # stalled: the next step would not move either
         return proposed
 
