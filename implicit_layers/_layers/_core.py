@@ -29,7 +29,7 @@ from .._compat import (
     version_of,
 )
 from .._forward import ForwardSolver
-from .._operator import FunctionOperator
+from .._operator import FunctionOperator, LinearOperator
 from .._records import (
     ON_FAILURE_CHOICES,
     LatestRecords,
@@ -533,8 +533,7 @@ class _Transposed(ImplicitOperator):
     def mv(self, vector: torch.Tensor) -> torch.Tensor:
         return self.graph.jvp_w(vector)
 
-    def mm(self, matrix: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.mv(column) for column in matrix.T], dim=1)
+    mm = LinearOperator.mm  # column by column: ImplicitOperator's batched mm is of F_w^T
 
     def rmv(self, vector: torch.Tensor) -> torch.Tensor:
         return self.graph.vjp_w(vector)
