@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
+from implicit_layers.testing._problems import _contraction_matrix, _spectral
+
 f64 = torch.float64
 
 KINDS = ("affine", "tanh", "ridge")
@@ -132,18 +134,8 @@ def _rounded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype).to(f64)
 
 
-def _contraction_matrix(n: int, rho: float, generator: torch.Generator) -> torch.Tensor:
-    """A non-symmetric Gaussian matrix scaled to spectral norm ``rho``."""
-    m = torch.randn(n, n, generator=generator, dtype=f64)
-    return rho * m / torch.linalg.matrix_norm(m, 2)
-
-
 def _norm(tensor: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(tensor))
-
-
-def _spectral(matrix: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(matrix, 2))
 
 
 @dataclass

@@ -32,15 +32,14 @@ from implicit_layers import (
     argmin_layer,
     fixed_point_layer,
 )
+from implicit_layers.testing._problems import _contraction_matrix
 
 f64 = torch.float64
 TIGHT = dict(solver=FixedPoint(tol=1e-13, max_iter=1000), backward=GMRES(tol=1e-13))
 
 
 def contraction(n: int, rho: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    A = torch.randn(n, n, generator=generator, dtype=f64)
-    return rho * A / torch.linalg.matrix_norm(A, 2)
+    return _contraction_matrix(n, rho, torch.Generator().manual_seed(seed))
 
 
 def affine_problem(n: int = 5, seed: int = 0):

@@ -30,20 +30,15 @@ from implicit_layers import (
 )
 from implicit_layers.nn import DEQ
 from implicit_layers.nn import Phantom as NNPhantom
+from implicit_layers.testing._problems import _contraction_matrix
 
 f64 = torch.float64
 TIGHT = FixedPoint(tol=1e-13, max_iter=2000)
 
 
-def contraction(n: int, rho: float, generator: torch.Generator) -> torch.Tensor:
-    """A non-symmetric ``n x n`` matrix of spectral norm ``rho``."""
-    A = torch.randn(n, n, generator=generator, dtype=f64)
-    return A * (rho / torch.linalg.matrix_norm(A, 2))
-
-
 def tanh_map(seed: int, n: int, rho: float):
     generator = torch.Generator().manual_seed(seed)
-    A = contraction(n, rho, generator)
+    A = _contraction_matrix(n, rho, generator)
     c = torch.randn(n, generator=generator, dtype=f64, requires_grad=True)
     g = torch.randn(n, generator=generator, dtype=f64)
 
@@ -302,9 +297,9 @@ class TwoStateCell(torch.nn.Module):
 
     def __init__(self, hidden: int, inputs: int, generator: torch.Generator):
         super().__init__()
-        self.W = torch.nn.Parameter(contraction(hidden, 0.4, generator))
+        self.W = torch.nn.Parameter(_contraction_matrix(hidden, 0.4, generator))
         self.U = torch.nn.Parameter(torch.randn(hidden, inputs, generator=generator, dtype=f64))
-        self.V = torch.nn.Parameter(contraction(2, 0.4, generator))
+        self.V = torch.nn.Parameter(_contraction_matrix(2, 0.4, generator))
 
     def forward(self, z, x):
         h, c = z

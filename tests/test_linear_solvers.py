@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry import LINEAR, choose
 
 from implicit_layers import (
     CG,
@@ -215,13 +216,16 @@ def test_general_solvers_converge_to_the_dense_solution(system):
         assert torch.allclose(x, exact, rtol=1e-8, atol=1e-9 * float(exact.norm()))
 
 
+# Nystrom's registry entry (rho = 1e-8) is for float64: in float32 Woodbury's rounding, eps / rho,
+# exceeds 1, and it records that failure (relative residual 29) at both scales alike.
 @pytest.mark.parametrize(
-    "solver",
-    [CG(), GMRES(), BiCGSTAB(), Neumann(), NormalCG(), Direct()],
-    ids=lambda s: type(s).__name__,
+    "entry",
+    [e for e in choose(LINEAR, "spd contraction") if e.name != "Nystrom"],
+    ids=lambda e: e.name,
 )
-def test_tiny_float32_right_hand_side_neither_underflows_nor_stops_early(solver):
+def test_tiny_float32_right_hand_side_neither_underflows_nor_stops_early(entry):
     """A gradient of 1e-13 in float32 solves as well as one of 1, with the same iterations."""
+    solver = entry.make(1e-6, 20)
     A, b = _fixed_contractive()
     x_unit, unit = solver.solve(A, b)
     x_tiny, tiny = solver.solve(A, 1e-13 * b)
