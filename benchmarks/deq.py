@@ -24,8 +24,8 @@ more). Both evaluate the cell on the whole batch until the slowest sample conver
 steps every sample meanwhile; ours judge each sample on its own and, once it converged, step
 it on for free (``refine=True``, the default), keeping its smallest residual from then on;
 the ``refine=False`` rows freeze it where it met ``tol``. Each library keeps its own solver
-defaults otherwise (Anderson memory 5 vs 6, regularisation relative vs absolute 1e-4; Broyden
-memory 20 vs ``max_iter``).
+defaults otherwise (Anderson memory 5 vs 6, regularisation relative vs absolute 1e-4; both
+Broydens keep one term per iteration).
 
 Columns:
 
