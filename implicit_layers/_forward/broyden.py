@@ -58,8 +58,8 @@ class _BroydenState(BestRowState):
         self.f = f
         self.memory = min(solver.memory or solver.max_iter, solver.max_iter)
         shape = (w0.shape[0], self.memory, w0.shape[1])
-        self.U = w0.new_zeros(shape)  # H = -I + U^T V, row i of U and V a rank-one term
-        self.V = w0.new_zeros(shape)
+        self.U = w0.new_empty(shape)  # H = -I + U^T V over the terms written (only those are read)
+        self.V = w0.new_empty(shape)
         self.updates = 0
         self.g: torch.Tensor | None = None
 
