@@ -4,8 +4,9 @@ torch may rename or drop a private name in any release. Each is looked up once, 
 package is imported; if it is missing the package still imports and a public (slower, or less
 capable) equivalent takes its place, as ``tests/test_compat.py`` checks by deleting each name.
 
-* ``retained_vjp``: the autograd engine without ``torch.autograd.grad``'s Python layer
-  (``torch.autograd.graph._engine_run_backward``); fallback ``torch.autograd.grad``.
+* ``retained_vjp`` and ``loss_gradients``: the autograd engine without
+  ``torch.autograd.grad``'s Python layer (``torch.autograd.graph._engine_run_backward``);
+  fallback ``torch.autograd.grad``.
 * ``forward_grad_enabled``: re-enables forward-mode AD inside a ``jvp`` rule, where torch turns
   it off (``torch.autograd.forward_ad._set_fwd_grad_enabled``); fallback ``None``, and the
   tangent solve then takes its products by reverse mode (two VJPs) instead of dual numbers.
@@ -24,6 +25,7 @@ import torch
 
 __all__ = [
     "retained_vjp",
+    "loss_gradients",
     "CAN_REENABLE_FORWARD_GRAD",
     "forward_grad_enabled",
     "in_functorch_transform",
@@ -70,6 +72,27 @@ def retained_vjp(
         False,  # create_graph
         tuple(inputs),
         allow_unreachable=True,  # allow_unused
+        accumulate_grad=False,
+    )
+
+
+def loss_gradients(
+    loss: torch.Tensor, inputs: Sequence[torch.Tensor], create_graph: bool = False
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)``
+    for a scalar ``loss``, by the engine directly where torch has it (as :func:`retained_vjp`:
+    about 30 us a call less, twice per hypergradient and once per minimizer step)."""
+    if _engine_run_backward is None:
+        return torch.autograd.grad(
+            loss, tuple(inputs), allow_unused=True, create_graph=create_graph
+        )
+    return _engine_run_backward(
+        (loss,),
+        (torch.ones_like(loss, memory_format=torch.preserve_format),),
+        create_graph,  # retain_graph, as autograd.grad defaults it
+        create_graph,
+        tuple(inputs),
+        allow_unreachable=True,
         accumulate_grad=False,
     )
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ._compat import loss_gradients
 from ._layers import implicit_solver
 from ._layers._residual import ROOT, ImplicitOperator, ResidualGraph
 from ._layers.argmin import DEFAULT_HESSIAN_SOLVER, _scalar, gradient_residual
@@ -79,7 +80,7 @@ def hypergradient_and_loss(
         outer = _scalar(
             outer_loss(tree_unflatten(space.spec, w_vars), tree_unflatten(lam_spec, lam_vars))
         )
-        found = torch.autograd.grad(outer, w_vars + lam_vars, allow_unused=True)
+        found = loss_gradients(outer, w_vars + lam_vars)
     grads = [torch.zeros_like(v) if g is None else g for g, v in zip(found, w_vars + lam_vars)]
     b, direct = space.flatten_leaves(grads[: len(w_vars)]), grads[len(w_vars) :]
 

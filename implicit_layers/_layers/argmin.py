@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._compat import in_functorch_transform
+from .._compat import in_functorch_transform, loss_gradients
 from .._linear import CG
 from .._minimize import LBFGS, Minimizer, as_minimizer
 from .._records import OnFailure
@@ -100,9 +100,7 @@ def gradient_residual(f: Callable[..., torch.Tensor]):
 
             return list(torch.func.grad(loss)(leaves))
         with torch.enable_grad():
-            grads = torch.autograd.grad(
-                _scalar(f(w, *params)), leaves, create_graph=True, allow_unused=True
-            )
+            grads = loss_gradients(_scalar(f(w, *params)), leaves, create_graph=True)
         return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
     return gradient

@@ -99,16 +99,17 @@ class IterativeLinearSolver(IterativeMethod, LinearSolver):
     """
 
     def _run(self, operator, b, x0, unit):
+        b_norm = float(torch.linalg.vector_norm(b))
         if x0 is None:  # r0 = b: no product is spent on A @ 0
-            x, residual = torch.zeros_like(b), b.clone()
+            x, residual, residual_norm = torch.zeros_like(b), b.clone(), b_norm
         else:
             x, residual = scaled_start(x0, operator.mv(x0), b)
-        b_norm = float(torch.linalg.vector_norm(b))
+            residual_norm = float(torch.linalg.vector_norm(residual))
         state = self._start(operator, x, residual, b_norm)
         x, record = self._iterate(
             state,
             products=lambda: operator.products,
-            initial=(torch.linalg.vector_norm(residual), b_norm),
+            initial=(residual_norm, b_norm),
             unit=unit,
             floor=False,
         )

@@ -55,7 +55,7 @@ class _NeumannState(LinearSolverState):
 
     def step(self):
         self.x.add_(self.r, alpha=self.step_size)
-        self.r = self.r - self.step_size * self.operator.mv(self.r)
+        self.r = torch.add(self.r, self.operator.mv(self.r), alpha=-self.step_size)
         return torch.linalg.vector_norm(self.r), self.b_norm
 
     def result(self) -> torch.Tensor:

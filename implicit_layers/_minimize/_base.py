@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .._compat import loss_gradients
 from .._records import SolveRecord, measured_record
 from .._tree import FlatSpace
 from .._user_callable import UserCallable
@@ -33,7 +34,9 @@ class CountingObjective:
         with torch.enable_grad():
             w = w.detach().requires_grad_()
             loss = self.objective(w)
-            (grad,) = torch.autograd.grad(loss, w)
+            (grad,) = loss_gradients(loss, (w,))
+            if grad is None:  # torch's own error: the loss does not depend on w
+                torch.autograd.grad(loss, w)
         return loss.detach(), grad
 
 
