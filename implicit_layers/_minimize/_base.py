@@ -36,7 +36,7 @@ class CountingObjective:
             loss = self.objective(w)
             (grad,) = loss_gradients(loss, (w,))
             if grad is None:  # torch's own error: the loss does not depend on w
-                torch.autograd.grad(loss, w)
+                (grad,) = torch.autograd.grad(loss, w)
         return loss.detach(), grad
 
 
