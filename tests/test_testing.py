@@ -13,7 +13,6 @@ import copy
 import importlib
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -460,16 +459,3 @@ def test_hypothesis_is_optional_for_the_library_and_named_by_the_testing_package
         importlib.import_module("implicit_layers.testing")
     for name in [name for name in sys.modules if name.startswith("implicit_layers")]:
         del sys.modules[name]  # the fresh copies go; monkeypatch then restores the originals
-
-
-def test_the_recipe_in_the_docs_runs():
-    """Every python block of docs/testing.md runs, and so does every test it defines."""
-    text = (Path(__file__).parents[1] / "docs" / "testing.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert blocks
-    for block in blocks:
-        namespace: dict = {"__name__": "docs_testing"}
-        exec(compile(block, "docs/testing.md", "exec"), namespace)
-        for name, value in namespace.items():
-            if name.startswith("test_") and callable(value):
-                value()
