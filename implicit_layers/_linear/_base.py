@@ -52,7 +52,7 @@ class LinearSolver(abc.ABC):
         if x0 is not None:
             _check_vector(x0, "x0", like=b)
         counted = CountingOperator(as_operator(operator, b))
-        scale = b.abs().amax()
+        scale = torch.linalg.vector_norm(b, math.inf)  # the largest |b_i|
         scale_value = float(scale)
         if scale_value == 0:
             return torch.zeros_like(b), self._trivial_record(Status.CONVERGED, 0.0)
