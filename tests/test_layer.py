@@ -21,7 +21,9 @@ from implicit_layers import (
     FixedPointLayer,
     SolveInfo,
     Status,
+    argmin_layer,
     fixed_point_layer,
+    root_layer,
 )
 
 f64 = torch.float64
@@ -396,3 +398,40 @@ def test_a_backward_callable_that_makes_no_product_still_gets_param_gradients():
     g = torch.randn(6, dtype=f64)
     (w @ g).backward()  # x = b: the Neumann series truncated after its first term
     assert torch.allclose(lam.grad, g)
+
+
+def test_a_callable_solver_that_takes_the_params_receives_them():
+    """Issue 17: a user solver that needs the params (here the exact minimiser of
+    0.5 sum(exp(theta) w^2) - c.w, w* = c / exp(theta)) receives them after w0, on every
+    layer kind; one with only defaulted extras, or none, is called as solver(f, w0)."""
+    seen = []
+
+    def exact(f, w0, theta, c):
+        seen.append((theta.requires_grad, c.shape))
+        return c / theta.exp()
+
+    f = lambda w, theta, c: 0.5 * (theta.exp() * w * w).sum() - c @ w  # noqa: E731
+    theta = torch.tensor([0.1, -0.3], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    w = argmin_layer(f, solver=exact)(torch.zeros(2, dtype=torch.float64), theta, c)
+    torch.testing.assert_close(w, (c / theta.exp()).detach())
+    (dtheta, dc) = torch.autograd.grad(w.sum(), (theta, c))
+    torch.testing.assert_close(dc, (-theta).exp().detach())
+    torch.testing.assert_close(dtheta, (-c * (-theta).exp()).detach())
+    assert seen == [(False, (2,))]  # the forward runs without a graph
+
+    def by_args(f, w0, *params):
+        return params[1] / params[0].exp()
+
+    root = root_layer(lambda w, theta, c: theta.exp() * w - c, solver=by_args)
+    torch.testing.assert_close(root(torch.zeros(2, dtype=torch.float64), theta, c), w)
+    fixed = fixed_point_layer(lambda w, theta, c: w - (theta.exp() * w - c), solver=by_args)
+    torch.testing.assert_close(fixed(torch.zeros(2, dtype=torch.float64), theta, c), w)
+
+    def with_options(f, w0, steps=200):  # an option, not a param: called as solver(f, w0)
+        for _ in range(steps):
+            w0 = f(w0)
+        return w0
+
+    half = fixed_point_layer(lambda w, c: 0.5 * w + c, solver=with_options)
+    torch.testing.assert_close(half(torch.zeros(2), torch.ones(2)), torch.full((2,), 2.0))

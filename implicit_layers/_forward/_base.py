@@ -211,8 +211,10 @@ class UserForwardSolver(UserCallable, ForwardSolver):
     row's in ``sample_residuals``.
     """
 
-    def __init__(self, function: Callable, space: FlatSpace, handed: Map | None = None):
-        super().__init__(function, space)
+    def __init__(
+        self, function: Callable, space: FlatSpace, handed: Map | None = None, params: tuple = ()
+    ):
+        super().__init__(function, space, params)
         self.handed = handed
 
     def _run(self, f, w0):
@@ -239,14 +241,18 @@ class UserForwardSolver(UserCallable, ForwardSolver):
 
 
 def as_forward_solver(
-    solver: ForwardSolver | Callable, space: FlatSpace, handed: Map | None = None
+    solver: ForwardSolver | Callable,
+    space: FlatSpace,
+    handed: Map | None = None,
+    params: tuple = (),
 ) -> ForwardSolver:
     """The forward solver ``solver`` is, or a user callable wrapped as one; ``handed`` is the
-    flat function a callable is given on the user's tree (default: the map ``f`` itself)."""
+    flat function a callable is given on the user's tree (default: the map ``f`` itself), and
+    ``params`` the layer's, which a callable that takes them receives after ``w0``."""
     if isinstance(solver, ForwardSolver):
         return solver
     if callable(solver):
-        return UserForwardSolver(solver, space, handed)
+        return UserForwardSolver(solver, space, handed, params)
     raise TypeError(
         "`solver` must be a forward solver (FixedPoint(), Anderson()) or a callable "
         f"(f, w0) -> w; got {type(solver).__name__}."

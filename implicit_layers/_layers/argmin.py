@@ -47,7 +47,7 @@ class ArgminEquation(Equation):
         def objective(w: torch.Tensor) -> torch.Tensor:
             return _scalar(f(space.unflatten(w), *params))
 
-        return as_minimizer(solver, space).solve(objective, w0)
+        return as_minimizer(solver, space, params).solve(objective, w0)
 
     def residual(self, space: FlatSpace, f):
         return gradient_residual(f)
@@ -126,7 +126,8 @@ def argmin_layer(
 
     ``solver``: :class:`LBFGS` (default: a line search, no step size to tune),
     :class:`GradientDescent` (with a step below ``2 / L``), or a callable
-    ``solver(f, w0) -> w`` such as a user's inner training loop (``f(w)`` returns the loss).
+    ``solver(f, w0) -> w`` such as a user's inner training loop (``f(w)`` returns the loss;
+    a callable that takes the params too, ``solver(f, w0, *params)``, receives them).
     ``backward`` solves the Hessian system: :class:`CG` by default, since the Hessian at a strict
     minimum is symmetric positive definite; any linear solver or callable works.
 

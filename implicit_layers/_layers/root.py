@@ -39,7 +39,7 @@ class RootEquation(Equation):
         def step(w: torch.Tensor) -> torch.Tensor:
             return w - residual(w)
 
-        return solve_on_rows(as_forward_solver(solver, space, residual), step, space, w0)
+        return solve_on_rows(as_forward_solver(solver, space, residual, params), step, space, w0)
 
     def residual(self, space, F):
         def residual(w, *params):
@@ -56,7 +56,7 @@ class RootLayer(ImplicitLayer):
     (default: Newton-Krylov with GMRES, for any non-singular Jacobian, indefinite ones
     included, such as the KKT system of a constrained problem), :class:`Broyden`, any other
     forward solver (run on the fixed point ``w = w - F(w)``, so plain :class:`FixedPoint` needs
-    ``I - F_w`` to contract), or a callable ``solver(F, w0) -> w``. Backward: with
+    ``I - F_w`` to contract), or a callable ``solver(F, w0) -> w`` (or ``solver(F, w0, *params)``). Backward: with
     ``b = dL/dw*``, ``backward`` solves ``F_w^T x = b`` by vector-Jacobian products from one
     evaluation of ``F`` with a graph, and each param receives ``-F_p^T x``. ``backward`` is a
     linear solver (:class:`GMRES` by default; :class:`CG` only for a symmetric positive definite

@@ -85,11 +85,13 @@ class UserMinimizer(UserCallable, Minimizer):
         return w.detach(), record
 
 
-def as_minimizer(solver: Minimizer | Callable, space: FlatSpace) -> Minimizer:
+def as_minimizer(solver: Minimizer | Callable, space: FlatSpace, params: tuple = ()) -> Minimizer:
+    """The minimizer ``solver`` is, or a user callable wrapped as one (``params`` as for
+    :func:`as_forward_solver`)."""
     if isinstance(solver, Minimizer):
         return solver
     if callable(solver):
-        return UserMinimizer(solver, space)
+        return UserMinimizer(solver, space, params)
     raise TypeError(
         "`solver` must be a minimizer (GradientDescent(), LBFGS()) or a callable "
         f"(f, w0) -> w; got {type(solver).__name__}."
