@@ -88,6 +88,9 @@ def _batches(data: Iterable | Callable[[], Any], name: str) -> Iterator:
     return endless()
 
 
+SCHEDULES = ("every", "hypergrad")
+
+
 class BilevelTrainer:
     """Alternates inner and outer updates, in the spirit of hypergrad's ``Solver``.
 
@@ -103,6 +106,16 @@ class BilevelTrainer:
 
     Data are iterables of batches, re-iterated when they run out, or callables returning a
     batch. With ``progress=True`` a ``tqdm`` bar shows the losses when tqdm is installed.
+    ``callback(log)`` receives each outer step's :class:`BilevelLog`; ``after_outer_step(trainer)``
+    runs after it with the trainer itself (hypergrad's ``post_outer_update``: reset the inner
+    weights, change a learning rate).
+
+    ``schedule`` says after which inner steps the outer steps come. ``"every"`` (default): after
+    inner step ``s`` whenever ``s`` is a multiple of ``unroll_steps`` and ``s >=
+    outer_patience_iters``, so ``run(1000)`` with ``unroll_steps=100`` makes 10. ``"hypergrad"``:
+    hypergrad's ``Solver`` step for step, which counts the steps taken before the current one:
+    after inner step ``s`` when ``s - 1`` is a positive multiple of ``unroll_steps`` and
+    ``s - 1 >= outer_patience_iters``, so the same run makes 9, each one inner step later.
 
     >>> _ = torch.manual_seed(0)
     >>> X, y = torch.randn(40, 5), torch.randn(40)
@@ -140,6 +153,8 @@ class BilevelTrainer:
         unroll_steps: int = 1,
         outer_patience_iters: int = 0,
         callback: Callable[[BilevelLog], None] | None = None,
+        after_outer_step: Callable[[BilevelTrainer], None] | None = None,
+        schedule: str = "every",
         progress: bool = True,
         on_failure: OnFailure = "warn",
     ):
@@ -159,7 +174,13 @@ class BilevelTrainer:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+        for name, hook in (("callback", callback), ("after_outer_step", after_outer_step)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"`{name}` must be callable or None, got {hook!r:.60}.")
         self.model, self.hyper = model, hyper
+        self.schedule, self.after_outer_step = schedule, after_outer_step
         self.inner_loss, self.outer_loss = inner_loss, outer_loss
         self.inner_optimizer, self.outer_optimizer = inner_optimizer, outer_optimizer
         self.method, self.on_failure = method, on_failure
@@ -239,7 +260,19 @@ class BilevelTrainer:
         )
         if self.callback is not None:
             self.callback(log)
+        if self.after_outer_step is not None:
+            self.after_outer_step(self)
         return log
+
+    def _outer_step_due(self) -> bool:
+        """Whether an outer step follows the inner step just taken (see ``schedule``)."""
+        steps = self.steps if self.schedule == "every" else self.steps - 1
+        first = (
+            self.outer_patience_iters
+            if self.schedule == "every"
+            else max(self.outer_patience_iters, 1)
+        )
+        return steps >= first and steps % self.unroll_steps == 0
 
     def run(self, num_iters: int) -> list[BilevelLog]:
         """``num_iters`` inner steps, with an outer step after every ``unroll_steps`` of them
@@ -250,7 +283,7 @@ class BilevelTrainer:
         bar = _progress_bar(num_iters) if self.progress else None
         for _ in range(num_iters):
             self.inner_step()
-            if self.steps >= self.outer_patience_iters and self.steps % self.unroll_steps == 0:
+            if self._outer_step_due():
                 logs.append(self.outer_step())
                 if bar is not None:
                     bar.set_postfix(inner=logs[-1].inner_loss, outer=logs[-1].outer_loss)

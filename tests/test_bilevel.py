@@ -131,6 +131,76 @@ def test_schedule(num_iters, unroll_steps, patience, expected):
     assert trainer.steps == num_iters
 
 
+def _hypergrad_solver_steps(num_iters: int, unroll_steps: int, patience: int) -> list[int]:
+    """The inner-step counts after which hypergrad's own ``Solver.run`` loop makes its outer
+    updates (its model bookkeeping, functorch's, stubbed out)."""
+    solver = pytest.importorskip("hypergrad.solver")
+    updates: list[int] = []
+
+    class Counting(solver.BaseSolver):
+        def reset_inner_model(self):
+            pass
+
+        def sync_inner(self):
+            pass
+
+        def inner_update(self):
+            pass
+
+        def outer_update(self):
+            updates.append(self.inner_step)
+
+    module = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    Counting(
+        module,
+        module,
+        [],
+        [],
+        num_iters,
+        unroll_steps,
+        optimizer,
+        optimizer,
+        patience,
+        log_freq=10**9,
+        device=torch.device("cpu"),
+    ).run()
+    return updates
+
+
+@pytest.mark.parametrize(
+    "num_iters, unroll_steps, patience",
+    [(1000, 100, 0), (1000, 10, 50), (25, 5, 12), (7, 1, 5), (30, 7, 3), (4, 5, 0)],
+)
+def test_the_hypergrad_schedule_is_its_solver_step_for_step(num_iters, unroll_steps, patience):
+    """Issue 17: run(1000) made 10 outer steps where hypergrad's Solver makes 9 with the same
+    unroll_steps and outer_patience_iters; schedule="hypergrad" makes the same steps at the
+    same inner steps."""
+    expected = _hypergrad_solver_steps(num_iters, unroll_steps, patience)
+    trainer, *_ = make_trainer(
+        False, unroll_steps=unroll_steps, outer_patience_iters=patience, schedule="hypergrad"
+    )
+    assert [log.step for log in trainer.run(num_iters)] == expected
+    if (num_iters, unroll_steps, patience) == (1000, 100, 0):
+        assert len(expected) == 9
+
+
+def test_after_outer_step_receives_the_trainer_after_the_callback():
+    """hypergrad's post_outer_update: here resetting the inner weights after each outer step."""
+    order: list[str] = []
+
+    def reset(trainer):
+        order.append("after")
+        torch.nn.init.zeros_(trainer.model.weight)
+
+    trainer, model, *_ = make_trainer(
+        False, callback=lambda log: order.append("callback"), after_outer_step=reset
+    )
+    trainer.run(10)
+    assert order == ["callback", "after"] * 2
+    assert torch.equal(model.weight, torch.zeros_like(model.weight))
+
+
 def test_callback_sees_each_log_with_the_losses_of_the_moment():
     seen: list[BilevelLog] = []
     trainer, model, log_decay, train, val = make_trainer(False, callback=seen.append)
@@ -215,3 +285,7 @@ def test_bad_arguments_are_named():
         make(inner_data=[]).run(1)
     with pytest.raises(ValueError, match="`num_iters` must be an int >= 0"):
         make().run(2.5)
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        make(schedule="hypergrad's")
+    with pytest.raises(TypeError, match="`after_outer_step` must be callable"):
+        make(after_outer_step="reset")

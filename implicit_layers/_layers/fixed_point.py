@@ -129,8 +129,8 @@ def fixed_point_layer(
 
     ``solver`` finds the fixed point: :class:`Anderson` (default), :class:`FixedPoint`,
     :class:`Broyden`, :class:`Newton`, or a callable ``solver(f, w0) -> w`` such as a user's own
-    inner training loop (``f`` has the params bound; a callable that takes them too,
-    ``solver(f, w0, *params)``, receives them). ``backward`` says how to differentiate: a linear solver for
+    inner training loop (``f`` has the params bound; a callable that takes them too, ``solver(f,
+    w0, *params)``, receives them). ``backward`` says how to differentiate: a linear solver for
     ``(I - J)^T x = dL/dw*`` (:class:`GMRES`, default, valid for any map; :class:`BiCGSTAB`,
     :class:`Neumann`, :class:`NormalCG`, :class:`Direct`; :class:`CG` only when ``I - J`` is
     symmetric positive definite, as for gradient steps ``Phi = w - a grad f``), a forward solver

@@ -52,17 +52,17 @@ class RootLayer(ImplicitLayer):
     """A layer returning ``w*`` with ``F(w*, *params) = 0``, differentiable in ``params``
     (jaxopt's ``custom_root``).
 
-    Forward: ``solver`` finds the root from ``w0`` with no graph kept: :class:`Newton`
-    (default: Newton-Krylov with GMRES, for any non-singular Jacobian, indefinite ones
-    included, such as the KKT system of a constrained problem), :class:`Broyden`, any other
-    forward solver (run on the fixed point ``w = w - F(w)``, so plain :class:`FixedPoint` needs
-    ``I - F_w`` to contract), or a callable ``solver(F, w0) -> w`` (or ``solver(F, w0, *params)``). Backward: with
-    ``b = dL/dw*``, ``backward`` solves ``F_w^T x = b`` by vector-Jacobian products from one
-    evaluation of ``F`` with a graph, and each param receives ``-F_p^T x``. ``backward`` is a
-    linear solver (:class:`GMRES` by default; :class:`CG` only for a symmetric positive definite
-    ``F_w``) or a callable; phantom and unrolled gradients need a fixed-point map and are
-    refused. ``w0``, params, records, ``per_sample``, ``on_failure`` and ``warm_start`` are as
-    for :class:`FixedPointLayer`.
+    Forward: ``solver`` finds the root from ``w0`` with no graph kept: :class:`Newton` (default:
+    Newton-Krylov with GMRES, for any non-singular Jacobian, indefinite ones included, such as
+    the KKT system of a constrained problem), :class:`Broyden`, any other forward solver (run on
+    the fixed point ``w = w - F(w)``, so plain :class:`FixedPoint` needs ``I - F_w`` to
+    contract), or a callable ``solver(F, w0) -> w`` (or ``solver(F, w0, *params)``). Backward:
+    with ``b = dL/dw*``, ``backward`` solves ``F_w^T x = b`` by vector-Jacobian products from
+    one evaluation of ``F`` with a graph, and each param receives ``-F_p^T x``. ``backward`` is
+    a linear solver (:class:`GMRES` by default; :class:`CG` only for a symmetric positive
+    definite ``F_w``) or a callable; phantom and unrolled gradients need a fixed-point map and
+    are refused. ``w0``, params, records, ``per_sample``, ``on_failure`` and ``warm_start`` are
+    as for :class:`FixedPointLayer`.
 
     >>> A = torch.tensor([[0.0, 2.0], [1.0, -1.0]], dtype=torch.float64)  # indefinite
     >>> layer = root_layer(lambda w, b: A @ w + 0.1 * torch.tanh(w) - b)
