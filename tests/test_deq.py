@@ -392,3 +392,101 @@ def test_module_registers_the_cell_and_trains_with_an_optimizer():
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert math.isfinite(losses[-1])
+
+
+def _symmetric_tanh_deq(seed: int, n: int, batch: int, rho: float):
+    """z = tanh(W z + x) with W symmetric: J = diag(1 - z*^2) W is similar to a symmetric
+    matrix, so its eigenvalues are real and the power method converges to rho(J)."""
+    generator = torch.Generator().manual_seed(seed)
+    M = torch.randn(n, n, generator=generator, dtype=f64)
+    W = M + M.T
+    W = rho * W / torch.linalg.eigvalsh(W).abs().max()
+    x = 0.5 * torch.randn(batch, n, generator=generator, dtype=f64)
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Parameter(W)
+
+        def forward(self, z, x):
+            return torch.tanh(z @ self.W.T + x)
+
+    return Cell(), x
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 8), rho=st.floats(0.2, 0.95))
+def test_spectral_radius_matches_the_dense_eigenvalues_per_sample(seed, n, rho):
+    cell, x = _symmetric_tanh_deq(seed, n, 3, rho)
+    deq = DEQ(cell, solver=FixedPoint(tol=1e-12, max_iter=2000))
+    z = deq(x).detach()
+    torch.manual_seed(seed)
+    estimate = deq.spectral_radius(z, x, iterations=400)
+    for row in range(3):
+        J = torch.diag(1 - z[row] ** 2) @ cell.W.detach()
+        moduli = torch.linalg.eigvals(J).abs().sort(descending=True).values
+        # the power method's error shrinks like (|lambda_2| / |lambda_1|)^k (times the
+        # eigenvectors' conditioning, here that of diag(1 - z*^2)^(1/2), at most 1 / 0.05)
+        ratio = float(moduli[1] / moduli[0])
+        bound = 1e-6 + 20 * ratio**400
+        assert float(estimate[row]) == pytest.approx(float(moduli[0]), rel=bound)
+    assert estimate.shape == (3,) and not estimate.requires_grad
+
+
+def test_eval_factor_raises_the_forward_budget_in_eval_mode_only():
+    """torchdeq's eval_factor: the same DEQ, a larger iteration budget at test time."""
+    cell, x = _symmetric_tanh_deq(0, 6, 2, 0.95)
+    deq = DEQ(cell, solver=FixedPoint(tol=0.0, max_iter=10), eval_factor=2.5, on_failure="ignore")
+    deq(x)
+    assert deq.last_forward.iterations == 10 and deq.solver.max_iter == 10
+    deq.eval()
+    deq(x)
+    assert deq.last_forward.iterations == 25
+    deq.train()
+    deq(x)
+    assert deq.last_forward.iterations == 10
+    with pytest.raises(ValueError, match="`eval_factor` must be a positive number"):
+        DEQ(cell, eval_factor=0)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_a_parametrized_cell_trains_with_the_implicit_gradient(norm):
+    """The normalisation recipe of the DEQ guide: torch's own parametrizations inside a cell.
+    The implicit gradient of the parametrization's tensors equals autograd through 300 plain
+    steps of the same cell from z* (a contraction: the unrolled gradient converges to it).
+    spectral_norm updates its power-iteration vector on every call in training mode, so the
+    map would move under the solver: the recipe puts that module in eval mode for the solve
+    (weight_norm has no state). Not ``parametrize.cached()``: its cache is filled by the first
+    call, which runs under the forward's no_grad, and the backward then sees a weight with no
+    graph to the parametrization's tensors."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(5, 5).double()
+    with torch.no_grad():
+        linear.weight.mul_(0.6 / torch.linalg.matrix_norm(linear.weight, 2))
+    linear = getattr(parametrizations, norm)(linear)
+    if norm == "spectral_norm":
+        linear.eval()  # a fixed u: W / sigma(W) is one map for the solver and the backward
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, z, x):
+            return torch.tanh(0.8 * self.linear(z) + x)
+
+    cell = Cell()
+    x = torch.randn(3, 5, dtype=f64)
+    deq = DEQ(cell, solver=FixedPoint(tol=1e-13, max_iter=1000), backward=GMRES(tol=1e-13))
+    z = deq(x)
+    z.pow(2).sum().backward()
+    implicit = [p.grad.clone() for p in cell.parameters()]
+    cell.zero_grad()
+    unrolled = z.detach()
+    for _ in range(300):
+        unrolled = cell(unrolled, x)
+    unrolled.pow(2).sum().backward()
+    for got, want in zip(implicit, [p.grad for p in cell.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

@@ -248,6 +248,11 @@ class ImplicitLayer(nn.Module):
         del call.tensors  # the backward reads the saved tensors: keep no other reference
         return space.unflatten(w_star), call.info
 
+    def forward_solver(self) -> Any:
+        """The solver of this call's forward solve (a subclass may adapt it, as ``DEQ`` does
+        in eval mode)."""
+        return self.solver
+
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, backward={self.differentiation!r}"
 
@@ -388,7 +393,8 @@ class _Call:
     def solve_forward(self, w0: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """``w*`` from ``w0`` with ``tensors`` as the inputs (detached ones keep no graph)."""
         function, params = self.bind(tensors)
-        w_star, record = self.equation.find(self.layer.solver, function, self.space, params, w0)
+        solver = self.layer.forward_solver()
+        w_star, record = self.equation.find(solver, function, self.space, params, w0)
         self.file_forward(record)
         w_star = poisoned_if_nonfinite(w_star, record)
         inputs = [w0, *tensors]

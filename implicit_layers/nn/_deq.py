@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .._compat import retained_vjp
 from .._forward import Anderson, ForwardSolver
 from .._layers import FixedPointEquation, FixedPointLayer
 from .._linear import GMRES
@@ -41,6 +44,10 @@ class DEQ(FixedPointLayer):
       :class:`Unrolled` backpropagation through the forward iterations.
     * ``z0`` warm-starts the solve (e.g. from the previous batch's ``z*``); by default ``z0`` is
       ``z_init(x)``, zeros shaped like ``x`` unless ``z_init`` is given.
+    * ``eval_factor`` multiplies the forward solver's ``max_iter`` in eval mode
+      (``deq.eval()``), as torchdeq's does: a test-time budget larger than the training one.
+    * :meth:`spectral_radius` estimates ``rho(J)`` at ``z*`` per sample (torchdeq's
+      ``sradius``), :meth:`jacobian_penalty` regularises ``||J||_F``.
 
     >>> class Cell(torch.nn.Module):
     ...     def __init__(self):
@@ -70,6 +77,7 @@ class DEQ(FixedPointLayer):
         backward: Any = DEFAULT_BACKWARD,
         *,
         z_init: Callable[[Any], Any] | None = None,
+        eval_factor: float = 1.0,
         on_failure: OnFailure = "warn",
         warm_start: bool = False,
     ):
@@ -85,6 +93,17 @@ class DEQ(FixedPointLayer):
         if z_init is not None and not callable(z_init):
             raise TypeError(f"`z_init` must be a callable x -> z0, got {type(z_init).__name__}.")
         self.z_init = z_init
+        number = isinstance(eval_factor, (int, float)) and not isinstance(eval_factor, bool)
+        if not number or not eval_factor > 0:
+            raise ValueError(f"`eval_factor` must be a positive number, got {eval_factor!r}.")
+        self.eval_factor = eval_factor
+
+    def forward_solver(self) -> Any:
+        """The solver, with ``max_iter`` times ``eval_factor`` (rounded up) in eval mode."""
+        budget = getattr(self.solver, "max_iter", None)
+        if self.training or self.eval_factor == 1 or budget is None:
+            return self.solver
+        return dataclasses.replace(self.solver, max_iter=math.ceil(budget * self.eval_factor))
 
     def forward(self, x: Any, z0: Any = None) -> Any:
         """``z*`` for the batch ``x``, from ``z0`` (default ``z_init(x)``, or zeros like x).
@@ -116,6 +135,35 @@ class DEQ(FixedPointLayer):
                 "(DEQ.forward(x, z0)) nor `z_init` (DEQ(cell, z_init=...)) is given; if the state "
                 f"z does not have the shape of x, pass one of them. The error: {error}"
             ) from error
+
+    def spectral_radius(self, z: Any, x: Any, iterations: int = 50) -> torch.Tensor:
+        """An estimate of the spectral radius of ``J = d cell / dz`` at ``z``, one per sample
+        (shape ``(batch,)``), by ``iterations`` steps of the power method on ``J^T`` (vector-
+        Jacobian products: ``J^T`` has the eigenvalues of ``J``): ``v <- J^T v / ||J^T v||``
+        per sample, the estimate ``||J^T v||`` for a unit ``v``. It converges to ``rho(J)``
+        when one real eigenvalue dominates; with a complex pair on top it oscillates around it.
+        Not differentiable (a diagnostic, as torchdeq's ``sradius``); ``rho(J) < 1`` is what
+        the adjoint fixed-point and Neumann backwards need.
+        """
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"`iterations` must be an int >= 1, got {iterations!r}.")
+        space = FlatSpace(z, "z", per_sample=True)
+        leaves = [leaf.detach().requires_grad_() for leaf in tree_flatten(z)[0]]
+        with torch.enable_grad():
+            out = space.check(
+                self.function(tree_unflatten(space.spec, leaves), x), "the cell's output"
+            )
+        rows = space.rows or 1
+        v = torch.randn(rows, space.size // rows, dtype=space.dtype, device=space.device)
+        estimate = v.new_zeros(rows).real
+        for _ in range(iterations):
+            v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+            products = retained_vjp(out, leaves, space.unflatten_leaves(v.reshape(-1)))
+            v = space.flatten_leaves(
+                [torch.zeros_like(t) if g is None else g for g, t in zip(products, leaves)]
+            ).reshape(rows, -1)
+            estimate = torch.linalg.vector_norm(v, dim=1)
+        return estimate.detach()
 
     def jacobian_penalty(self, z: Any, x: Any, samples: int = 1) -> torch.Tensor:
         """A Hutchinson estimate of ``||J||_F^2 / n`` at ``z`` (Bai et al., 2021), differentiable
