@@ -50,7 +50,15 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hypergradient import finish, logistic_problem, relative_error, ridge_problem  # noqa: E402
+from hypergradient import (  # noqa: E402
+    HYPERGRAD_NOTE,
+    approx_hypergrad,
+    finish,
+    hypergrad_method,
+    logistic_problem,
+    relative_error,
+    ridge_problem,
+)
 
 from implicit_layers import CG, Direct, Neumann, NormalCG, Nystrom, hypergradient  # noqa: E402
 
@@ -98,7 +106,8 @@ def _load_betty() -> object:
 torchopt = _peer("torchopt", lambda: importlib.import_module("torchopt"))
 hypertorch = _peer("HyperTorch", _load_hypertorch)
 betty = _peer("Betty", _load_betty)
-moskomule = _peer("hypergrad", lambda: importlib.import_module("hypergrad.approx_hypergrad"))
+moskomule = approx_hypergrad  # hypergradient.py imports it (None if it does not import)
+NOTES.append(HYPERGRAD_NOTE)
 
 clock = time.thread_time
 
@@ -198,19 +207,10 @@ def betty_method(name: str, k: int, step: float) -> Callable:
 
 
 def moskomule_method(name: str, *options) -> Callable:
+    """hypergrad's ``approx_hypergrad.<name>``, called as ``hypergradient.py`` calls it."""
+
     def make(inner, outer, w, lam):
-        function = getattr(moskomule, name)
-
-        def inner_t(inner_params, outer_params):
-            return inner(inner_params[0], outer_params[0])
-
-        def outer_t(inner_params, outer_params):
-            return outer(inner_params[0], outer_params[0])
-
-        def run():
-            return function(inner_t, outer_t, (w,), (lam,), *options)[0]
-
-        return run
+        return hypergrad_method(name, inner, outer, w, lam, *options).run
 
     return make
 
