@@ -58,6 +58,11 @@ def blocks(page: str) -> list[Block]:
 def run(page_path: Path) -> list[tuple[Block, str]]:
     """Each block and what it printed, run in one namespace, from the same random state and on
     one thread (a sum's order, and so its last bits, depends on the threads)."""
+    return execute(page_path)[0]
+
+
+def execute(page_path: Path) -> tuple[list[tuple[Block, str]], dict]:
+    """:func:`run`, and the namespace the page's blocks leave (for tests that read it)."""
     namespace: dict = {"__name__": "__docs__"}
     results = []
     torch.manual_seed(0)
@@ -71,7 +76,7 @@ def run(page_path: Path) -> list[tuple[Block, str]]:
     for name, value in list(namespace.items()):
         if name.startswith("test_") and callable(value):
             value()
-    return results
+    return results, namespace
 
 
 def _run_blocks(page_path: Path, namespace: dict, results: list) -> None:
