@@ -490,3 +490,35 @@ def test_a_parametrized_cell_trains_with_the_implicit_gradient(norm):
     unrolled.pow(2).sum().backward()
     for got, want in zip(implicit, [p.grad for p in cell.parameters()]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_n_states_returns_the_iterates_of_the_solve_each_with_its_phantom_gradient():
+    """torchdeq's n_states: the iterates the solver handed the cell at evaluations 10 and 20
+    of 30 (FixedPoint: z_9 and z_19), each through one undamped step with a graph (so z_10
+    and z_20, with the gradient of that one step), then z* with the implicit gradient."""
+    cell, x = _symmetric_tanh_deq(1, 5, 2, 0.9)
+    solver = FixedPoint(tol=0.0, max_iter=30)
+    deq = DEQ(cell, solver=solver, n_states=3, on_failure="ignore")
+    states = deq(x)
+    assert len(states) == 3
+    iterates = [torch.zeros_like(x)]
+    for _ in range(30):
+        iterates.append(cell(iterates[-1], x).detach())
+    torch.testing.assert_close(states[0], iterates[10])
+    torch.testing.assert_close(states[1], iterates[20])
+    torch.testing.assert_close(states[2], DEQ(cell, solver=solver, on_failure="ignore")(x))
+    (got,) = torch.autograd.grad(states[0].pow(2).sum(), cell.W)
+    (want,) = torch.autograd.grad(cell(iterates[9], x).pow(2).sum(), cell.W)
+    torch.testing.assert_close(got, want)
+
+    early = DEQ(cell, solver=FixedPoint(tol=1e-3, max_iter=30), n_states=2, indexing=[29])
+    first, last = early(x)  # converged long before evaluation 29: z*'s step stands in
+    torch.testing.assert_close(first, cell(last.detach(), x))
+    for bad, match in (
+        (dict(n_states=0), "`n_states` must be an int >= 1"),
+        (dict(n_states=3, indexing=[5]), "`indexing` must hold n_states - 1 = 2"),
+        (dict(n_states=2, solver=lambda f, z0: z0), "`n_states` > 1 records the iterates"),
+        (dict(n_states=2, state_backward=GMRES()), "`state_backward` must be a Phantom"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            DEQ(cell, **bad)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
 from .._compat import retained_vjp
 from .._forward import Anderson, ForwardSolver
-from .._layers import FixedPointEquation, FixedPointLayer
+from .._layers import FixedPointEquation, FixedPointLayer, Phantom
 from .._linear import GMRES
 from .._records import OnFailure
 from .._tree import FlatSpace, tree_flatten, tree_unflatten
@@ -20,6 +21,7 @@ __all__ = ["DEQ"]
 
 DEFAULT_SOLVER = Anderson()
 DEFAULT_BACKWARD = GMRES()
+DEFAULT_STATE_BACKWARD = Phantom(steps=1, damping=1.0)  # torchdeq's grad=1, tau=1
 
 
 class DEQ(FixedPointLayer):
@@ -48,6 +50,13 @@ class DEQ(FixedPointLayer):
       (``deq.eval()``), as torchdeq's does: a test-time budget larger than the training one.
     * :meth:`spectral_radius` estimates ``rho(J)`` at ``z*`` per sample (torchdeq's
       ``sradius``), :meth:`jacobian_penalty` regularises ``||J||_F``.
+    * ``n_states > 1`` returns a list of states along the forward solve for fixed-point
+      correction (Bai et al., 2022; torchdeq's ``n_states``/``indexing``): the iterates the
+      solver handed the cell at its evaluations ``indexing`` (default: ``max_iter`` split
+      evenly), each passed through ``state_backward``'s damped steps with a graph (a
+      :class:`Phantom`, by default one undamped step: torchdeq's ``grad=1``), so each has its
+      own gradient; the last entry is ``z*`` with the layer's ``backward``. A solve that ends
+      before an index gives ``z*``'s steps in its place.
 
     >>> class Cell(torch.nn.Module):
     ...     def __init__(self):
@@ -78,6 +87,9 @@ class DEQ(FixedPointLayer):
         *,
         z_init: Callable[[Any], Any] | None = None,
         eval_factor: float = 1.0,
+        n_states: int = 1,
+        indexing: Sequence[int] | None = None,
+        state_backward: Phantom = DEFAULT_STATE_BACKWARD,
         on_failure: OnFailure = "warn",
         warm_start: bool = False,
     ):
@@ -97,13 +109,68 @@ class DEQ(FixedPointLayer):
         if not number or not eval_factor > 0:
             raise ValueError(f"`eval_factor` must be a positive number, got {eval_factor!r}.")
         self.eval_factor = eval_factor
+        if isinstance(n_states, bool) or not isinstance(n_states, int) or n_states < 1:
+            raise ValueError(f"`n_states` must be an int >= 1, got {n_states!r}.")
+        if n_states > 1 and not hasattr(solver, "max_iter"):
+            raise TypeError(
+                "`n_states` > 1 records the iterates of an iterative forward solver (FixedPoint, "
+                f"Anderson, Broyden); got {solver!r:.60}."
+            )
+        if indexing is not None and (
+            len(indexing) != n_states - 1
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in indexing)
+        ):
+            raise ValueError(
+                f"`indexing` must hold n_states - 1 = {n_states - 1} evaluation counts >= 1 (the "
+                f"last state is z*), got {indexing!r}."
+            )
+        if not isinstance(state_backward, Phantom):
+            raise TypeError(
+                f"`state_backward` must be a Phantom(steps, damping), got {state_backward!r:.60}."
+            )
+        self.n_states, self.state_backward = n_states, state_backward
+        self.indexing = None if indexing is None else tuple(indexing)
 
     def forward_solver(self) -> Any:
-        """The solver, with ``max_iter`` times ``eval_factor`` (rounded up) in eval mode."""
-        budget = getattr(self.solver, "max_iter", None)
-        if self.training or self.eval_factor == 1 or budget is None:
-            return self.solver
-        return dataclasses.replace(self.solver, max_iter=math.ceil(budget * self.eval_factor))
+        """The solver, with ``max_iter`` times ``eval_factor`` (rounded up) in eval mode, and
+        recording the iterates of ``n_states`` when this call asks for them."""
+        solver, budget = self.solver, getattr(self.solver, "max_iter", None)
+        if not (self.training or self.eval_factor == 1 or budget is None):
+            solver = dataclasses.replace(solver, max_iter=math.ceil(budget * self.eval_factor))
+        recorder = _RECORDER.get()
+        return solver if recorder is None else recorder.around(solver)
+
+    def _indices(self) -> tuple[int, ...]:
+        if self.indexing is not None:
+            return self.indexing
+        budget = self.forward_solver().max_iter
+        return tuple(max(1, budget * (i + 1) // self.n_states) for i in range(self.n_states - 1))
+
+    def _states(self, z0: Any, x: Any) -> list[Any]:
+        """``n_states`` states: the recorded iterates' damped steps, then ``z*``."""
+        recorder = _Recorder(self._indices())
+        token = _RECORDER.set(recorder)
+        try:
+            z_star = self.solve(z0, x)[0]
+        finally:
+            _RECORDER.reset(token)
+        space = FlatSpace(z0, "z0", per_sample=True)
+        steps, damping = self.state_backward.steps, self.state_backward.damping
+        states = []
+        for index in recorder.at:
+            iterate = recorder.iterates.get(index)
+            z = z_star if iterate is None else space.unflatten(iterate.reshape(-1))
+            leaves, spec = tree_flatten(z)
+            z = tree_unflatten(spec, [leaf.detach() for leaf in leaves])
+            with torch.enable_grad():
+                for _ in range(steps):
+                    mapped = tree_flatten(self.function(z, x))[0]
+                    z = tree_unflatten(
+                        spec,
+                        [a + damping * (b - a) for a, b in zip(tree_flatten(z)[0], mapped)],
+                    )
+            states.append(z)
+        return states + [z_star]
 
     def forward(self, x: Any, z0: Any = None) -> Any:
         """``z*`` for the batch ``x``, from ``z0`` (default ``z_init(x)``, or zeros like x).
@@ -118,7 +185,7 @@ class DEQ(FixedPointLayer):
             z0 = self.z_init(x)
         if z0 is not None:
             _check_batch(z0, leaves)
-            return self.solve(z0, x)[0]
+            return self._states(z0, x) if self.n_states > 1 else self.solve(z0, x)[0]
         odd = [leaf.dtype for leaf in leaves if not (leaf.is_floating_point() or leaf.is_complex())]
         if odd:
             raise TypeError(
@@ -128,7 +195,7 @@ class DEQ(FixedPointLayer):
             )
         z0 = _zeros_like(x)
         try:
-            return self.solve(z0, x)[0]
+            return self._states(z0, x) if self.n_states > 1 else self.solve(z0, x)[0]
         except (RuntimeError, ValueError, TypeError) as error:
             raise ValueError(
                 "DEQ: the solve failed from z0 = zeros_like(x), the default when neither `z0` "
@@ -212,3 +279,43 @@ def _check_batch(z0: Any, x_leaves: list[torch.Tensor]) -> None:
                 f"`z0` and `x` must share their batch dimension: z0 has {batch} rows, x "
                 f"{leaf.shape[0]}."
             )
+
+
+class _Recorder:
+    """The iterates a forward solver hands the cell at the evaluations ``at`` (1-based)."""
+
+    def __init__(self, at: Sequence[int]):
+        self.at = tuple(at)
+        self.iterates: dict[int, torch.Tensor] = {}
+
+    def around(self, solver: ForwardSolver) -> ForwardSolver:
+        return _RecordingSolver(solver, self)
+
+
+class _RecordingSolver(ForwardSolver):
+    """``solver``, with the cell's evaluations counted and the chosen iterates kept."""
+
+    def __init__(self, solver: ForwardSolver, recorder: _Recorder):
+        self.solver, self.recorder = solver, recorder
+
+    @property
+    def method(self) -> str:
+        return self.solver.method
+
+    def solve(self, f, w0):
+        wanted, iterates, count = set(self.recorder.at), self.recorder.iterates, 0
+
+        def recording(w: torch.Tensor) -> torch.Tensor:
+            nonlocal count
+            count += 1
+            if count in wanted:
+                iterates[count] = w.detach().clone()
+            return f(w)
+
+        return self.solver.solve(recording, w0)
+
+    def _run(self, f, w0):  # pragma: no cover - solve() is the entry point
+        raise NotImplementedError
+
+
+_RECORDER: ContextVar[_Recorder | None] = ContextVar("implicit_layers_deq_states", default=None)
