@@ -441,7 +441,7 @@ def test_eval_factor_raises_the_forward_budget_in_eval_mode_only():
     assert deq.last_forward.iterations == 10 and deq.solver.max_iter == 10
     deq.eval()
     deq(x)
-    assert deq.last_forward.iterations == 25
+    assert deq.last_forward.iterations == 25  # int(10 * 2.5), as torchdeq rounds
     deq.train()
     deq(x)
     assert deq.last_forward.iterations == 10
@@ -493,9 +493,9 @@ def test_a_parametrized_cell_trains_with_the_implicit_gradient(norm):
 
 
 def test_n_states_returns_the_iterates_of_the_solve_each_with_its_phantom_gradient():
-    """torchdeq's n_states: the iterates the solver handed the cell at evaluations 10 and 20
-    of 30 (FixedPoint: z_9 and z_19), each through one undamped step with a graph (so z_10
-    and z_20, with the gradient of that one step), then z* with the implicit gradient."""
+    """torchdeq's n_states: the solver's iterates after 10 and 20 of 30 steps (FixedPoint:
+    z_10 and z_20), each through one undamped step with a graph (so z_11 and z_21, with the
+    gradient of that one step, as torchdeq's), then z* with the implicit gradient."""
     cell, x = _symmetric_tanh_deq(1, 5, 2, 0.9)
     solver = FixedPoint(tol=0.0, max_iter=30)
     deq = DEQ(cell, solver=solver, n_states=3, on_failure="ignore")
@@ -504,11 +504,11 @@ def test_n_states_returns_the_iterates_of_the_solve_each_with_its_phantom_gradie
     iterates = [torch.zeros_like(x)]
     for _ in range(30):
         iterates.append(cell(iterates[-1], x).detach())
-    torch.testing.assert_close(states[0], iterates[10])
-    torch.testing.assert_close(states[1], iterates[20])
+    torch.testing.assert_close(states[0], iterates[11])
+    torch.testing.assert_close(states[1], iterates[21])
     torch.testing.assert_close(states[2], DEQ(cell, solver=solver, on_failure="ignore")(x))
     (got,) = torch.autograd.grad(states[0].pow(2).sum(), cell.W)
-    (want,) = torch.autograd.grad(cell(iterates[9], x).pow(2).sum(), cell.W)
+    (want,) = torch.autograd.grad(cell(iterates[10], x).pow(2).sum(), cell.W)
     torch.testing.assert_close(got, want)
 
     early = DEQ(cell, solver=FixedPoint(tol=1e-3, max_iter=30), n_states=2, indexing=[29])
@@ -522,3 +522,39 @@ def test_n_states_returns_the_iterates_of_the_solve_each_with_its_phantom_gradie
     ):
         with pytest.raises((ValueError, TypeError), match=match):
             DEQ(cell, **bad)
+
+
+def test_the_deq_features_agree_with_torchdeq():
+    """Same cell: n_states' states (torchdeq's core='indexing', grad=1), the spectral radius
+    (its sradius_mode, 100 power steps) and the eval-mode budget (its eval_factor)."""
+    torchdeq = pytest.importorskip("torchdeq")
+    cell, x = _symmetric_tanh_deq(1, 5, 2, 0.9)
+    theirs = torchdeq.get_deq(
+        core="indexing",
+        n_states=3,
+        f_solver="fixed_point_iter",
+        f_max_iter=30,
+        f_tol=1e-30,
+        grad=1,
+    )
+    their_states, _ = theirs(lambda z: cell(z, x), torch.zeros_like(x))
+    ours = DEQ(cell, solver=FixedPoint(tol=0.0, max_iter=30), n_states=3, on_failure="ignore")
+    for mine, their in zip(ours(x)[:2], their_states[:2]):  # the last: z* here, by the IFT
+        torch.testing.assert_close(mine, their, rtol=1e-12, atol=1e-14)
+
+    radius = torchdeq.get_deq(f_solver="fixed_point_iter", f_max_iter=200, f_tol=1e-12).eval()
+    _, info = radius(lambda z: cell(z, x), torch.zeros_like(x), sradius_mode=True)
+    deq = DEQ(cell, solver=FixedPoint(tol=1e-12, max_iter=200))
+    z = deq(x)
+    torch.testing.assert_close(
+        deq.spectral_radius(z, x, iterations=100), info["sradius"], rtol=1e-3, atol=0
+    )
+
+    budget = torchdeq.get_deq(
+        f_solver="fixed_point_iter", f_max_iter=10, f_tol=1e-30, eval_factor=2.5
+    ).eval()
+    _, info = budget(lambda z: cell(z, x), torch.zeros_like(x))
+    deq = DEQ(cell, solver=FixedPoint(tol=0.0, max_iter=10), eval_factor=2.5, on_failure="ignore")
+    deq.eval()
+    deq(x)
+    assert deq.last_forward.iterations == int(info["nstep"].max()) == 25

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -51,9 +50,9 @@ class DEQ(FixedPointLayer):
     * :meth:`spectral_radius` estimates ``rho(J)`` at ``z*`` per sample (torchdeq's
       ``sradius``), :meth:`jacobian_penalty` regularises ``||J||_F``.
     * ``n_states > 1`` returns a list of states along the forward solve for fixed-point
-      correction (Bai et al., 2022; torchdeq's ``n_states``/``indexing``): the iterates the
-      solver handed the cell at its evaluations ``indexing`` (default: ``max_iter`` split
-      evenly), each passed through ``state_backward``'s damped steps with a graph (a
+      correction (Bai et al., 2022; torchdeq's ``n_states``/``indexing``): the solver's
+      iterates after ``indexing`` steps (default: ``max_iter`` split evenly), each passed
+      through ``state_backward``'s damped steps with a graph (a
       :class:`Phantom`, by default one undamped step: torchdeq's ``grad=1``), so each has its
       own gradient; the last entry is ``z*`` with the layer's ``backward``. A solve that ends
       before an index gives ``z*``'s steps in its place.
@@ -132,11 +131,11 @@ class DEQ(FixedPointLayer):
         self.indexing = None if indexing is None else tuple(indexing)
 
     def forward_solver(self) -> Any:
-        """The solver, with ``max_iter`` times ``eval_factor`` (rounded up) in eval mode, and
-        recording the iterates of ``n_states`` when this call asks for them."""
+        """The solver, with ``max_iter`` times ``eval_factor`` (rounded down, as torchdeq's) in
+        eval mode, and recording the iterates of ``n_states`` when this call asks for them."""
         solver, budget = self.solver, getattr(self.solver, "max_iter", None)
         if not (self.training or self.eval_factor == 1 or budget is None):
-            solver = dataclasses.replace(solver, max_iter=math.ceil(budget * self.eval_factor))
+            solver = dataclasses.replace(solver, max_iter=max(1, int(budget * self.eval_factor)))
         recorder = _RECORDER.get()
         return solver if recorder is None else recorder.around(solver)
 
@@ -282,7 +281,7 @@ def _check_batch(z0: Any, x_leaves: list[torch.Tensor]) -> None:
 
 
 class _Recorder:
-    """The iterates a forward solver hands the cell at the evaluations ``at`` (1-based)."""
+    """The solver's iterates after ``at`` steps (each the one it hands the cell next)."""
 
     def __init__(self, at: Sequence[int]):
         self.at = tuple(at)
@@ -307,9 +306,9 @@ class _RecordingSolver(ForwardSolver):
 
         def recording(w: torch.Tensor) -> torch.Tensor:
             nonlocal count
-            count += 1
-            if count in wanted:
+            if count in wanted:  # the iterate after `count` steps, handed to evaluation count+1
                 iterates[count] = w.detach().clone()
+            count += 1
             return f(w)
 
         return self.solver.solve(recording, w0)
