@@ -9,6 +9,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,3 +94,56 @@ def test_hypertorch_neumann(page):
         [w_var], [lam_var], 20, fp_map, lambda p, h: outer(p[0], h[0]), tol=0.0, set_grad=False
     )[0]
     torch.testing.assert_close(page["hypertorch_port"], theirs, rtol=1e-12, atol=1e-15)
+
+
+def test_betty_darts(page):
+    folder = os.environ.get("BETTY_PATH")
+    if not folder:
+        pytest.skip("BETTY_PATH does not name Betty's source")
+    sys.path.insert(0, folder)
+    try:
+        from betty.hypergradient import darts
+    finally:
+        sys.path.remove(folder)
+    inner, outer, w, lam = page["inner"], page["outer"], page["w"], page["lam"]
+    w_var, lam_var = w.clone().requires_grad_(), lam.clone().requires_grad_()
+    g_w, g_lam = torch.autograd.grad(
+        outer(w_var, lam_var), (w_var, lam_var), allow_unused=True, materialize_grads=True
+    )
+    # the two Problem objects of Betty's engine, reduced to what darts reads of them
+    config = SimpleNamespace(darts_alpha=0.01, darts_multitask=False)
+    curr = SimpleNamespace(
+        config=config,
+        _strategy="default",
+        cur_batch=None,
+        training_step_exec=lambda batch: inner(w_var, lam_var),
+        meta_trainable_parameters=lambda: [w_var],
+    )
+    prev = SimpleNamespace(trainable_parameters=lambda: [lam_var])
+    theirs = g_lam + darts([g_w], curr, prev, sync=False)[0]
+    torch.testing.assert_close(page["betty_port"], theirs, rtol=1e-8, atol=1e-12)
+
+
+def test_jaxopt_ridge_jacobian(page):
+    jax = pytest.importorskip("jax")
+    jaxopt = pytest.importorskip("jaxopt")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+    X, y = jnp.asarray(page["X"].numpy()), jnp.asarray(page["y"].numpy())
+
+    def ridge_objective(params, l2reg, data):
+        X, y = data
+        return 0.5 * jnp.mean((X @ params - y) ** 2) + 0.5 * l2reg * jnp.sum(params**2)
+
+    # its default solve, normal-equation CG at jaxopt's default tolerance, is 7e-6 off here;
+    # a dense solve on both sides compares the implicit differentiation itself
+    @jaxopt.implicit_diff.custom_root(jax.grad(ridge_objective), solve=jaxopt.linear_solve.solve_lu)
+    def ridge_solver(init_params, l2reg, data):
+        X, y = data
+        gram = X.T @ X / X.shape[0] + l2reg * jnp.eye(X.shape[1])
+        return jnp.linalg.solve(gram, X.T @ y / X.shape[0])
+
+    theirs = jax.jacobian(ridge_solver, argnums=1)(None, 10.0, (X, y))
+    torch.testing.assert_close(
+        page["jaxopt_port"], torch.from_numpy(jax.device_get(theirs).copy()), rtol=1e-8, atol=1e-14
+    )
