@@ -29,13 +29,16 @@ Timing: one torch thread, the thread's CPU time, all contenders of one row sampl
 (round-robin) after a warm-up; ``min`` and ``med`` over the rounds, the ratio of medians against
 the fastest peer. Errors are relative to the dense float64 hypergradient.
 
-    HYPERTORCH_PATH=... BETTY_PATH=... python benchmarks/peers.py [--quick] [--write-docs]
+    HYPERTORCH_PATH=... BETTY_PATH=... python benchmarks/peers.py [--quick] [--json PATH]
+
+``benchmarks/report.py`` runs it and puts its table in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -384,20 +387,6 @@ def summary(results: list[dict]) -> str:
     )
 
 
-BEGIN, END = "<!-- peers.py: begin -->", "<!-- peers.py: end -->"
-
-
-def write_docs(text: str) -> None:
-    path = Path(__file__).parent.parent / "docs" / "benchmarks.md"
-    page = path.read_text()
-    if BEGIN in page:
-        head, rest = page.split(BEGIN, 1)
-        page = head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1]
-    else:
-        page += f"\n## Against every torch peer\n\n{BEGIN}\n{text}\n{END}\n"
-    path.write_text(page)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="k in {5, 20}, float32, 3 rounds")
@@ -405,7 +394,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=None)
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float64"])
     parser.add_argument("--problems", nargs="+", default=None, choices=list(PROBLEMS))
-    parser.add_argument("--write-docs", action="store_true", help="put the table in the docs")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to PATH")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -426,8 +415,9 @@ def main() -> None:
     table = markdown(results)
     verdict = summary(results)
     print("\n" + table + "\n\n" + verdict)
-    if args.write_docs:
-        write_docs(f"{header}\n\n{table}\n\n{verdict}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(dict(meta=dict(header=header, rounds=rounds), rows=results), file)
     print(f"(total {time.perf_counter() - start:.0f} s)")
 
 

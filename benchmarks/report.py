@@ -62,6 +62,7 @@ def arguments(quick: bool) -> dict[str, list[str]]:
             "deq": ["--quick", "--repeats", "5", "--iterations", "10", "20", "40", "80"],
             "unroll_memory": ["--quick"],
             "hypergradient_descent": ["--epochs", "2"],
+            "peers": ["--quick"],
         }
     return {
         "core": ["--ks", "5", "10", "20", "50", "100"],
@@ -70,6 +71,7 @@ def arguments(quick: bool) -> dict[str, list[str]]:
         "deq": [],
         "unroll_memory": [],
         "hypergradient_descent": [],
+        "peers": [],
     }
 
 
@@ -121,14 +123,18 @@ class Run:
         return self
 
 
-def _example(name: str):
-    """``examples/<name>.py`` as a module (its ``main`` is not run)."""
-    spec = importlib.util.spec_from_file_location(
-        f"_example_{name}", ROOT / "examples" / f"{name}.py"
-    )
+def _module(path: Path):
+    """The script at ``path`` as a module (its ``main`` is not run); its folder is importable."""
+    spec = importlib.util.spec_from_file_location(f"_{path.parent.name}_{path.stem}", path)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec.loader.exec_module(module)
     return module
+
+
+def _example(name: str):
+    return _module(ROOT / "examples" / f"{name}.py")
 
 
 def learning_rate_curves(epochs: int) -> dict:
@@ -445,6 +451,22 @@ def section(title: str, description: str, run: Run, body: Callable[[], list[str]
     if run.failed:
         return "\n".join(out) + "\n" + failure(run)
     return "\n".join([*out, *body(), raw(run)])
+
+
+def peers_section(run: Run) -> str:
+    peers = _module(HERE / "peers.py")
+
+    def body() -> list[str]:
+        rows = run.data["rows"]
+        return [run.data["meta"]["header"], "", peers.markdown(rows), "", peers.summary(rows), ""]
+
+    description = (
+        "`benchmarks/peers.py`: one hypergradient at the exact inner solution by every method "
+        "and every torch peer that has it (HyperTorch and Betty from the source folders named "
+        "by `HYPERTORCH_PATH` and `BETTY_PATH`), at equal budget `k`; ours over the fastest "
+        "peer, from medians of interleaved rounds on one thread."
+    )
+    return section("Against every torch peer", description, run, body)
 
 
 def core_section(run: Run, image: str | None) -> str:
@@ -940,6 +962,8 @@ def main() -> None:
         sections.append(unroll_section(runs["unroll_memory"], unroll_image))
     if hd is not None:
         sections.append(hd_section(hd, lr_image, epochs))
+    if "peers" in runs:
+        sections.append(peers_section(runs["peers"]))
     sections.append(gpu_section(gpu_rows, gpu_error))
     page = args.out / "benchmarks.md"
     page.write_text("\n".join(sections).rstrip() + "\n")
