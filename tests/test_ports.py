@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -65,23 +64,20 @@ def test_torchdeq_fixed_point_iter(page):
     torch.testing.assert_close(weight_grad, cell.linear.weight.grad, rtol=1e-9, atol=1e-10)
 
 
+def _source_peers():
+    """``benchmarks/peers.py``, which loads HyperTorch and Betty from the folders named by
+    ``HYPERTORCH_PATH`` and ``BETTY_PATH`` (each ``None`` when not named)."""
+    if "_peers" not in sys.modules:  # its dataclasses need it registered while it runs
+        spec = importlib.util.spec_from_file_location("_peers", ROOT / "benchmarks" / "peers.py")
+        sys.modules["_peers"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["_peers"])
+    return sys.modules["_peers"]
+
+
 def test_hypertorch_neumann(page):
-    folder = os.environ.get("HYPERTORCH_PATH")
-    if not folder:
+    if not os.environ.get("HYPERTORCH_PATH"):
         pytest.skip("HYPERTORCH_PATH does not name HyperTorch's source")
-    source = Path(folder) / "hypergrad"
-    spec = importlib.util.spec_from_file_location(
-        "hypertorch", source / "__init__.py", submodule_search_locations=[str(source)]
-    )
-    hypertorch = importlib.util.module_from_spec(spec)
-    saved = sys.modules.pop("hypergrad", None)  # its files import themselves as `hypergrad`
-    sys.modules["hypergrad"] = sys.modules["hypertorch"] = hypertorch
-    try:
-        spec.loader.exec_module(hypertorch)
-    finally:
-        del sys.modules["hypergrad"], sys.modules["hypertorch"]
-        if saved is not None:
-            sys.modules["hypergrad"] = saved
+    hypertorch = _source_peers().hypertorch
     inner, outer, w, lam = page["inner"], page["outer"], page["w"], page["lam"]
     w_var = w.clone().requires_grad_()
     lam_var = lam.clone().requires_grad_()
@@ -97,14 +93,9 @@ def test_hypertorch_neumann(page):
 
 
 def test_betty_darts(page):
-    folder = os.environ.get("BETTY_PATH")
-    if not folder:
+    if not os.environ.get("BETTY_PATH"):
         pytest.skip("BETTY_PATH does not name Betty's source")
-    sys.path.insert(0, folder)
-    try:
-        from betty.hypergradient import darts
-    finally:
-        sys.path.remove(folder)
+    darts = _source_peers().betty.darts
     inner, outer, w, lam = page["inner"], page["outer"], page["w"], page["lam"]
     w_var, lam_var = w.clone().requires_grad_(), lam.clone().requires_grad_()
     g_w, g_lam = torch.autograd.grad(
