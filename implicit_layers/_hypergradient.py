@@ -5,16 +5,18 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ._compat import loss_gradients
+from ._distributed import AveragedOperator, GroupAverage
 from ._layers import implicit_solver
 from ._layers._residual import ROOT, ImplicitOperator, ResidualGraph
 from ._layers.argmin import DEFAULT_HESSIAN_SOLVER, _scalar, gradient_residual
 from ._linear import LinearSolver
+from ._operator import LinearOperator
 from ._options import check_in_interval, check_positive_int, options
 from ._records import OnFailure, SolveRecord, Status, relative, report, unmeasured_record
 from ._tree import FlatSpace, TreeSpec, tree_flatten, tree_unflatten
@@ -29,6 +31,7 @@ def hypergradient(
     lam: Any,
     method: LinearSolver | HypergradientMethod | Callable = DEFAULT_HESSIAN_SOLVER,
     on_failure: OnFailure = "warn",
+    process_group: Any = None,
 ) -> tuple[Any, SolveRecord]:
     """The hypergradient ``d/dlam g(w*(lam), lam)`` at ``w ~ w*(lam) = argmin f(., lam)``.
 
@@ -43,6 +46,12 @@ def hypergradient(
     tensors or pytrees (e.g. ``dict(model.named_parameters())``); the result has ``lam``'s
     structure, and comes with the record of the linear solve (the policy ``on_failure`` applies).
 
+    With ``process_group`` (e.g. ``torch.distributed.group.WORLD``) each rank's losses are the
+    means over its shard of the data (shards of equal size): the outer gradients, every
+    product of the solve and the parameter gradients are averaged over the group, so every rank
+    gets the hypergradient of the whole data, with the same iterations (the record counts the
+    all-reduces: one per product, plus two). Linear solvers only.
+
     >>> X, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
     >>> inner = lambda w, lam: ((X @ w - y) ** 2).mean() + lam * (w * w).sum()
     >>> outer = lambda w, lam: (w ** 2).sum()
@@ -54,7 +63,9 @@ def hypergradient(
     >>> bool(torch.isclose(grad, exact)), record.method
     (True, 'CG')
     """
-    grads, record, _ = hypergradient_and_loss(inner_loss, outer_loss, w, lam, method, on_failure)
+    grads, record, _ = hypergradient_and_loss(
+        inner_loss, outer_loss, w, lam, method, on_failure, process_group
+    )
     return grads, record
 
 
@@ -65,8 +76,16 @@ def hypergradient_and_loss(
     lam: Any,
     method: LinearSolver | HypergradientMethod | Callable = DEFAULT_HESSIAN_SOLVER,
     on_failure: OnFailure = "warn",
+    process_group: Any = None,
 ) -> tuple[Any, SolveRecord, torch.Tensor]:
-    """:func:`hypergradient`, and the outer loss it evaluated on the way (detached)."""
+    """:func:`hypergradient`, and the outer loss it evaluated on the way (detached; this
+    rank's own over a process group)."""
+    if process_group is not None and isinstance(method, HypergradientMethod):
+        raise NotImplementedError(
+            f"hypergradient: `process_group` works with the linear solvers (CG, GMRES, "
+            f"Neumann, ...), not {type(method).__name__}."
+        )
+    average = None if process_group is None else GroupAverage(process_group)
     space = FlatSpace(w, "w")
     lam_leaves, lam_spec = tree_flatten(lam)
     for index, leaf in enumerate(lam_leaves):
@@ -82,14 +101,22 @@ def hypergradient_and_loss(
         )
         found = loss_gradients(outer, w_vars + lam_vars)
     grads = [torch.zeros_like(v) if g is None else g for g, v in zip(found, w_vars + lam_vars)]
+    if average is not None:
+        grads = average.many(grads)
     b, direct = space.flatten_leaves(grads[: len(w_vars)]), grads[len(w_vars) :]
 
     if isinstance(method, HypergradientMethod):
         implicit, record = method.implicit_term(inner, b)
     else:
         graph = inner.graph()
-        x, record = implicit_solver(method).solve(ImplicitOperator(graph), b)
+        operator: LinearOperator = ImplicitOperator(graph)
+        if average is not None:
+            operator = AveragedOperator(operator, average)
+        x, record = implicit_solver(method).solve(operator, b)
         implicit = graph.param_grads(x)  # type: ignore[assignment]  # every lam needs grad
+        if average is not None:
+            implicit = average.many(implicit)  # type: ignore[arg-type]
+            record = replace(record, all_reduces=average.calls, reduced_bytes=average.bytes)
     report(record, "hypergradient", on_failure)
     total = [d + i for d, i in zip(direct, implicit)]
     return tree_unflatten(lam_spec, total), record, outer.detach()

@@ -70,6 +70,9 @@ class SolveRecord:
             judges the batch as one system instead: its ``residual`` is the whole batch's, and
             per row it records the batch's iterations, the row's share of the residual over
             its ``||b_i||``, and whether that share meets the rule on its own.
+        all_reduces, reduced_bytes: for a solve over a process group (``hypergradient``'s
+            ``process_group``), the all-reduces it made (the products and the right-hand side
+            and parameter gradients) and the bytes each rank sent into them; 0 otherwise.
     """
 
     method: str
@@ -84,6 +87,8 @@ class SolveRecord:
     sample_iterations: tuple[int, ...] = ()
     sample_residuals: tuple[float, ...] = ()
     sample_converged: tuple[bool, ...] = ()
+    all_reduces: int = 0
+    reduced_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The record as plain Python numbers, strings and lists, for a logger (tensorboard,

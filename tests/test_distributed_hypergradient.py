@@ -1,0 +1,126 @@
+"""``hypergradient(..., process_group=...)``: ranks holding shards of the data get the
+hypergradient of one process on all of it, with the same iterations, for 2 and 3 gloo
+processes, tensor and dict hyperparameters, CG, GMRES and Neumann, in float64."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from implicit_layers import CG, GMRES, Neumann, hypergradient
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
+
+f64 = torch.float64
+SAMPLES, FEATURES = 12, 4  # 12 rows: shards of 6 and of 4
+
+
+def data():
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(SAMPLES, FEATURES, generator=generator, dtype=f64)
+    y = torch.randn(SAMPLES, generator=generator, dtype=f64)
+    X_val = torch.randn(SAMPLES, FEATURES, generator=generator, dtype=f64)
+    y_val = torch.randn(SAMPLES, generator=generator, dtype=f64)
+    return X, y, X_val, y_val
+
+
+def losses(X, y, X_val, y_val, as_dict: bool):
+    """Shard means: ridge with per-feature decay, split over two hyperparameter tensors for
+    the dict case; the outer loss depends on lam too (a direct term)."""
+
+    def decay(lam):
+        return torch.cat([lam["a"], lam["b"]]).exp() if as_dict else lam.exp()
+
+    def inner(w, lam):
+        return 0.5 * ((X @ w - y) ** 2).mean() + 0.5 * (decay(lam) * w * w).sum()
+
+    def outer(w, lam):
+        return 0.5 * ((X_val @ w - y_val) ** 2).mean() + 0.01 * decay(lam).sum()
+
+    return inner, outer
+
+
+def problem(as_dict: bool):
+    X, y, _, _ = data()
+    lam = torch.linspace(-1.0, 0.5, FEATURES, dtype=f64)
+    H = X.T @ X / SAMPLES + torch.diag(lam.exp())
+    w = torch.linalg.solve(H, X.T @ y / SAMPLES)  # the minimiser on all the data
+    return w, ({"a": lam[:2], "b": lam[2:]} if as_dict else lam)
+
+
+METHODS = {
+    "CG": lambda: CG(tol=1e-13),
+    "GMRES": lambda: GMRES(tol=1e-13),
+    "Neumann": lambda: Neumann(step=0.5, max_iter=500, tol=1e-13),
+}
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        shard = SAMPLES // world
+        parts = [t[rank * shard : (rank + 1) * shard] for t in data()]
+        results = {}
+        for as_dict in (False, True):
+            w, lam = problem(as_dict)
+            inner, outer = losses(*parts, as_dict)
+            for name, make in METHODS.items():
+                grads, record = hypergradient(
+                    inner, outer, w, lam, make(), process_group=dist.group.WORLD
+                )
+                results[(as_dict, name)] = (grads, record)
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_the_hypergradient_of_all_the_data(world, tmp_path):
+    mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for as_dict in (False, True):
+        w, lam = problem(as_dict)
+        inner, outer = losses(*data(), as_dict)
+        for name, make in METHODS.items():
+            expected, alone = hypergradient(inner, outer, w, lam, make())
+            for results in ranks:
+                grads, record = results[(as_dict, name)]
+                for got, want in zip(
+                    grads.values() if as_dict else [grads],
+                    expected.values() if as_dict else [expected],
+                ):
+                    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+                # the same iterations as one process, and one all-reduce per product plus two
+                assert record.iterations == alone.iterations, (name, record, alone)
+                assert record.all_reduces == record.products + 2
+                bytes_per_vector = FEATURES * 8
+                expected_bytes = bytes_per_vector * (record.products + 2 + 1)  # b and direct: 2n
+                assert record.reduced_bytes == expected_bytes
+            assert len({results[(as_dict, name)][1] for results in ranks}) == 1  # identical
+
+
+def test_a_process_group_needs_torch_distributed_and_a_linear_solver():
+    from implicit_layers import FiniteDifference
+
+    w, lam = problem(False)
+    inner, outer = losses(*data(), False)
+    with pytest.raises(NotImplementedError, match="`process_group` works with the linear"):
+        hypergradient(inner, outer, w, lam, FiniteDifference(), process_group=object())
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+            hypergradient(inner, outer, w, lam, CG(), process_group=object())
