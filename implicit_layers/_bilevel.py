@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._distributed import GroupAverage
 from ._hypergradient import HypergradientMethod, hypergradient_and_loss
 from ._layers.argmin import DEFAULT_HESSIAN_SOLVER
 from ._linear import LinearSolver
@@ -105,7 +106,11 @@ class BilevelTrainer:
     current weights (``method`` solves with ``H``) and steps ``outer_optimizer``.
 
     Data are iterables of batches, re-iterated when they run out, or callables returning a
-    batch. With ``progress=True`` a ``tqdm`` bar shows the losses when tqdm is installed.
+    batch. With ``process_group``, each rank draws its own shard's batches (of one size on
+    every rank): the inner gradients are averaged over the group before each inner step, as
+    ``DistributedDataParallel`` does, and the hypergradient is :func:`hypergradient`'s over the
+    group, so every rank takes the steps of one process on the batches of all ranks together.
+    With ``progress=True`` a ``tqdm`` bar shows the losses when tqdm is installed.
     ``callback(log)`` receives each outer step's :class:`BilevelLog`; ``after_outer_step(trainer)``
     runs after it with the trainer itself (hypergrad's ``post_outer_update``: reset the inner
     weights, change a learning rate).
@@ -157,6 +162,7 @@ class BilevelTrainer:
         schedule: str = "every",
         progress: bool = True,
         on_failure: OnFailure = "warn",
+        process_group: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
@@ -181,6 +187,8 @@ class BilevelTrainer:
                 raise TypeError(f"`{name}` must be callable or None, got {hook!r:.60}.")
         self.model, self.hyper = model, hyper
         self.schedule, self.after_outer_step = schedule, after_outer_step
+        self.process_group = process_group
+        self._average = None if process_group is None else GroupAverage(process_group)
         self.inner_loss, self.outer_loss = inner_loss, outer_loss
         self.inner_optimizer, self.outer_optimizer = inner_optimizer, outer_optimizer
         self.method, self.on_failure = method, on_failure
@@ -222,7 +230,13 @@ class BilevelTrainer:
         lam = _detached(self._hyper_tensors)
         with torch.enable_grad():
             loss = self._evaluate(self.inner_loss, weights, lam, next(self._inner_batches))
-            grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+            grads: Sequence[torch.Tensor | None] = torch.autograd.grad(
+                loss, list(weights.values()), allow_unused=True
+            )
+        if self._average is not None:  # the gradient of all the shards, as DDP averages it
+            grads = self._average.many(
+                [torch.zeros_like(p) if g is None else g for g, p in zip(grads, weights.values())]
+            )
         for parameter, grad in zip(weights.values(), grads):
             parameter.grad = grad
         self.inner_optimizer.step()
@@ -242,6 +256,7 @@ class BilevelTrainer:
             _detached(self._hyper_tensors),
             self.method,
             self.on_failure,
+            self.process_group,
         )
         leaves = tree_flatten(self._hyper_tensors)[0]
         grad_leaves = tree_flatten(grads)[0]

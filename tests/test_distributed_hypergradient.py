@@ -124,3 +124,66 @@ def test_a_process_group_needs_torch_distributed_and_a_linear_solver():
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
             hypergradient(inner, outer, w, lam, CG(), process_group=object())
+
+
+def train(parts, process_group=None):
+    """A BilevelTrainer on ridge regression with per-feature log decay: 20 inner SGD steps,
+    an outer step after every 5; returns the final weights and hyperparameters."""
+    from implicit_layers import BilevelTrainer
+
+    X, y, X_val, y_val = parts
+    model = torch.nn.Linear(FEATURES, 1, bias=False, dtype=f64)
+    torch.nn.init.zeros_(model.weight)
+    log_decay = torch.linspace(-1.0, 0.5, FEATURES, dtype=f64).requires_grad_()
+
+    def inner_loss(model, lam, batch):
+        X, y = batch
+        return (
+            0.5 * ((model(X)[:, 0] - y) ** 2).mean()
+            + 0.5 * (lam.exp() * model.weight[0] ** 2).sum()
+        )
+
+    def outer_loss(model, lam, batch):
+        X, y = batch
+        return 0.5 * ((model(X)[:, 0] - y) ** 2).mean()
+
+    trainer = BilevelTrainer(
+        model,
+        log_decay,
+        inner_loss,
+        outer_loss,
+        [(X, y)],
+        [(X_val, y_val)],
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.3),
+        outer_optimizer=torch.optim.SGD([log_decay], lr=0.5),
+        method=CG(tol=1e-13),
+        unroll_steps=5,
+        progress=False,
+        process_group=process_group,
+    )
+    logs = trainer.run(20)
+    return model.weight.detach().clone(), log_decay.detach().clone(), [log.record for log in logs]
+
+
+def trainer_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        shard = SAMPLES // world
+        parts = [t[rank * shard : (rank + 1) * shard] for t in data()]
+        torch.save(train(parts, dist.group.WORLD), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bilevel_trainer_over_shards_takes_the_steps_of_one_process_on_all_the_data(tmp_path):
+    mp.spawn(trainer_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    weight, log_decay, records = train(data())
+    for rank in range(2):
+        got_weight, got_decay, got_records = torch.load(
+            tmp_path / f"rank{rank}.pt", weights_only=False
+        )
+        torch.testing.assert_close(got_weight, weight, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_decay, log_decay, rtol=1e-10, atol=1e-12)
+        assert [r.iterations for r in got_records] == [r.iterations for r in records]
+        assert all(r.all_reduces == r.products + 2 for r in got_records)
