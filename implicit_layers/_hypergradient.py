@@ -15,7 +15,7 @@ from ._distributed import AveragedOperator, GroupAverage
 from ._layers import implicit_solver
 from ._layers._residual import ROOT, ImplicitOperator, ResidualGraph
 from ._layers.argmin import DEFAULT_HESSIAN_SOLVER, _scalar, gradient_residual
-from ._linear import LinearSolver
+from ._linear import LinearSolver, Neumann
 from ._operator import LinearOperator
 from ._options import check_in_interval, check_positive_int, options
 from ._records import OnFailure, SolveRecord, Status, relative, report, unmeasured_record
@@ -32,6 +32,7 @@ def hypergradient(
     method: LinearSolver | HypergradientMethod | Callable = DEFAULT_HESSIAN_SOLVER,
     on_failure: OnFailure = "warn",
     process_group: Any = None,
+    resample: bool = False,
 ) -> tuple[Any, SolveRecord]:
     """The hypergradient ``d/dlam g(w*(lam), lam)`` at ``w ~ w*(lam) = argmin f(., lam)``.
 
@@ -52,6 +53,14 @@ def hypergradient(
     gets the hypergradient of the whole data, with the same iterations (the record counts the
     all-reduces: one per product, plus two). Linear solvers only.
 
+    With ``resample=True`` every product, and the parameter gradient, evaluates ``inner_loss``
+    afresh, so a loss that draws a minibatch per call (from the user's iterator) gives each
+    product its own minibatch (Lorraine et al., 2020). Only :class:`Neumann` applies: its
+    series is a product of independent factors ``I - step H_i``, whose expectation is the
+    series of the full-data ``H``, so the estimate is unbiased for the truncated series (and
+    for the hypergradient as that converges); its variance grows with ``k`` and shrinks with
+    the batch. Each product costs one more evaluation of the loss with its gradient graph.
+
     >>> X, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
     >>> inner = lambda w, lam: ((X @ w - y) ** 2).mean() + lam * (w * w).sum()
     >>> outer = lambda w, lam: (w ** 2).sum()
@@ -64,7 +73,7 @@ def hypergradient(
     (True, 'CG')
     """
     grads, record, _ = hypergradient_and_loss(
-        inner_loss, outer_loss, w, lam, method, on_failure, process_group
+        inner_loss, outer_loss, w, lam, method, on_failure, process_group, resample
     )
     return grads, record
 
@@ -77,6 +86,7 @@ def hypergradient_and_loss(
     method: LinearSolver | HypergradientMethod | Callable = DEFAULT_HESSIAN_SOLVER,
     on_failure: OnFailure = "warn",
     process_group: Any = None,
+    resample: bool = False,
 ) -> tuple[Any, SolveRecord, torch.Tensor]:
     """:func:`hypergradient`, and the outer loss it evaluated on the way (detached; this
     rank's own over a process group)."""
@@ -84,6 +94,12 @@ def hypergradient_and_loss(
         raise NotImplementedError(
             f"hypergradient: `process_group` works with the linear solvers (CG, GMRES, "
             f"Neumann, ...), not {type(method).__name__}."
+        )
+    if resample and not isinstance(method, Neumann):
+        raise ValueError(
+            "hypergradient: `resample=True` draws a new minibatch for every product, which only "
+            f"Neumann's series averages correctly; got {type(method).__name__} (Krylov methods "
+            "and direct solves assume one fixed Hessian)."
         )
     average = None if process_group is None else GroupAverage(process_group)
     space = FlatSpace(w, "w")
@@ -109,10 +125,11 @@ def hypergradient_and_loss(
         implicit, record = method.implicit_term(inner, b)
     else:
         graph = inner.graph()
-        operator: LinearOperator = ImplicitOperator(graph)
+        operator: LinearOperator = _Resampled(inner) if resample else ImplicitOperator(graph)
         if average is not None:
             operator = AveragedOperator(operator, average)
         x, record = implicit_solver(method).solve(operator, b)
+        graph = inner.graph() if resample else graph  # a fresh minibatch for this term too
         implicit = graph.param_grads(x)  # type: ignore[assignment]  # every lam needs grad
         if average is not None:
             implicit = average.many(implicit)  # type: ignore[arg-type]
@@ -154,6 +171,17 @@ class InnerProblem:
             )
             grads = torch.autograd.grad(loss, lam_vars, allow_unused=True)
         return [torch.zeros_like(v) if g is None else g for g, v in zip(grads, lam_vars)]
+
+
+class _Resampled(LinearOperator):
+    """``H`` from a fresh evaluation of the inner loss at every product (``resample``)."""
+
+    def __init__(self, inner: InnerProblem):
+        self.inner = inner
+        self.size, self.dtype, self.device = inner.space.size, inner.space.dtype, inner.space.device
+
+    def mv(self, vector: torch.Tensor) -> torch.Tensor:
+        return self.inner.graph().vjp_w(vector)
 
 
 class HypergradientMethod(abc.ABC):

@@ -236,3 +236,41 @@ def test_a_batched_product_is_the_dense_transposed_jacobian_times_the_columns(fo
     assert torch.allclose(batched, F_w.T @ V, rtol=1e-12, atol=1e-14)
     assert torch.allclose(batched, torch.stack([operator.mv(v) for v in V.T], dim=1))
     assert operator.products == 4 + 4
+
+
+def test_resampled_neumann_is_unbiased_for_the_full_data_series():
+    """Issue 18 item 2: with resample=True each product draws its own minibatch, so the series
+    is a product of independent factors I - a H_i with E[H_i] = H: the mean of many draws is the
+    full-data Neumann hypergradient (known answer), within a few standard errors."""
+    generator = torch.Generator().manual_seed(0)
+    n, d, batch, k, step = 40, 3, 8, 6, 0.3
+    X = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    y = torch.randn(n, generator=generator, dtype=torch.float64)
+    X_val, y_val = torch.randn(20, d, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    lam = torch.zeros(d, dtype=torch.float64)
+    w = torch.linalg.solve(X.T @ X / n + torch.eye(d, dtype=torch.float64), X.T @ y / n)
+    draws = torch.Generator().manual_seed(1)
+
+    def minibatch_inner(w, lam):  # a fresh minibatch at every call
+        rows = torch.randint(0, n, (batch,), generator=draws)
+        return 0.5 * ((X[rows] @ w - y[rows]) ** 2).mean() + 0.5 * (lam.exp() * w * w).sum()
+
+    def full_inner(w, lam):
+        return 0.5 * ((X @ w - y) ** 2).mean() + 0.5 * (lam.exp() * w * w).sum()
+
+    def outer(w, lam):
+        return 0.5 * ((X_val @ w - y_val) ** 2).mean()
+
+    method = Neumann(step=step, max_iter=k, tol=0.0)
+    exact, _ = hypergradient(full_inner, outer, w, lam, method, on_failure="ignore")
+    samples = torch.stack(
+        [
+            hypergradient(minibatch_inner, outer, w, lam, method, "ignore", resample=True)[0]
+            for _ in range(400)
+        ]
+    )
+    standard_error = samples.std(0) / 400**0.5
+    assert bool(((samples.mean(0) - exact).abs() <= 4 * standard_error).all())
+    assert bool((samples.std(0) > 0).all())  # the draws did differ
+    with pytest.raises(ValueError, match="only Neumann's series averages correctly"):
+        hypergradient(minibatch_inner, outer, w, lam, CG(), resample=True)
