@@ -8,7 +8,7 @@ process would take on all the data. Rank 0 prints the validation loss, the test 
 the communication each hypergradient cost; at the end it checks the ranks hold the same
 hyperparameters.
 
-Run: ``torchrun --nproc_per_node=2 examples/distributed_weight_decay.py``; run without
+Run: ``torchrun --standalone --nproc_per_node=2 examples/distributed_weight_decay.py``; run without
 ``torchrun`` it launches itself under it (``IMPLICIT_LAYERS_FAST=1`` for a short run).
 """
 
@@ -99,6 +99,7 @@ def main() -> None:
         print(f"test accuracy {accuracy:.3f}; every rank holds the same hyperparameters: {same}")
         if not same:
             raise SystemExit("the ranks disagree")
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 
@@ -106,5 +107,6 @@ if __name__ == "__main__":
     if "RANK" in os.environ:  # started by torchrun
         main()
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node=2", __file__]  # --standalone: a free port of its own
         sys.exit(subprocess.run(command, check=False).returncode)
