@@ -63,6 +63,7 @@ def arguments(quick: bool) -> dict[str, list[str]]:
             "unroll_memory": ["--quick"],
             "hypergradient_descent": ["--epochs", "2"],
             "peers": ["--quick"],
+            "scale": ["--sizes", "1e4", "1e5"],
         }
     return {
         "core": ["--ks", "5", "10", "20", "50", "100"],
@@ -72,6 +73,7 @@ def arguments(quick: bool) -> dict[str, list[str]]:
         "unroll_memory": [],
         "hypergradient_descent": [],
         "peers": [],
+        "scale": [],
     }
 
 
@@ -467,6 +469,34 @@ def peers_section(run: Run) -> str:
         "peer, from medians of interleaved rounds on one thread."
     )
     return section("Against every torch peer", description, run, body)
+
+
+def scale_section(run: Run) -> str:
+    def body() -> list[str]:
+        header = ["weights", "contender", "products", "s per hypergradient", "HVP/s"]
+        header += ["peak +MB", "x gradient"]
+        rows = [
+            [
+                r["weights"],
+                r["contender"],
+                f"{r['products']} ({r['status']})" if r["status"] != "-" else r["products"],
+                f"{r['seconds']:.3f}",
+                f"{r['hvps_per_s']:.1f}",
+                f"{r['peak_growth_mb']:.1f}",
+                f"{r['gradients']:.1f}",
+            ]
+            for r in run.data["rows"]
+        ]
+        return [table(header, rows), ""]
+
+    description = (
+        "`benchmarks/scale.py`: per-parameter weight decay of a tanh MLP on digits, float32, "
+        f"one hypergradient of `k = {run.data['meta']['k']}` products per contender, each in a "
+        "fresh process (median of 3). `peak +MB` is the growth of the process's peak resident "
+        "memory during the hypergradients; `x gradient` divides it by the inner model's "
+        "gradient (4 bytes a weight)."
+    )
+    return section("Scale: 1e4 to 1e6 inner parameters", description, run, body)
 
 
 def core_section(run: Run, image: str | None) -> str:
@@ -964,6 +994,8 @@ def main() -> None:
         sections.append(hd_section(hd, lr_image, epochs))
     if "peers" in runs:
         sections.append(peers_section(runs["peers"]))
+    if "scale" in runs:
+        sections.append(scale_section(runs["scale"]))
     sections.append(gpu_section(gpu_rows, gpu_error))
     page = args.out / "benchmarks.md"
     page.write_text("\n".join(sections).rstrip() + "\n")
