@@ -281,12 +281,10 @@ class BilevelTrainer:
 
     def _outer_step_due(self) -> bool:
         """Whether an outer step follows the inner step just taken (see ``schedule``)."""
-        steps = self.steps if self.schedule == "every" else self.steps - 1
-        first = (
-            self.outer_patience_iters
-            if self.schedule == "every"
-            else max(self.outer_patience_iters, 1)
-        )
+        if self.schedule == "every":
+            steps, first = self.steps, self.outer_patience_iters
+        else:  # hypergrad counts the steps taken before this one, and never outer-steps at 0
+            steps, first = self.steps - 1, max(self.outer_patience_iters, 1)
         return steps >= first and steps % self.unroll_steps == 0
 
     def run(self, num_iters: int) -> list[BilevelLog]:

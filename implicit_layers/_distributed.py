@@ -33,18 +33,21 @@ class GroupAverage:
         self.calls = self.bytes = 0
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.detach().clone(memory_format=torch.contiguous_format)
+        return self._reduce(tensor.detach().clone(memory_format=torch.contiguous_format))
+
+    def many(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor averaged, all in one all-reduce of their concatenation."""
+        flat = self._reduce(torch.cat([t.detach().reshape(-1) for t in tensors]))
+        return [
+            part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)
+        ]
+
+    def _reduce(self, total: torch.Tensor) -> torch.Tensor:
+        """The mean of ``total`` (a fresh contiguous tensor, reduced in place)."""
         dist.all_reduce(total, group=self.group)
         self.calls += 1
         self.bytes += total.numel() * total.element_size()
         return total.div_(self.size)
-
-    def many(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each tensor averaged, all in one all-reduce of their concatenation."""
-        flat = self(torch.cat([t.reshape(-1) for t in tensors]))
-        return [
-            part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)
-        ]
 
 
 class AveragedOperator(LinearOperator):

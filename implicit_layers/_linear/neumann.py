@@ -59,9 +59,8 @@ class _NeumannState(LinearSolverState):
         return torch.linalg.vector_norm(self.r), self.b_norm
 
     def result(self) -> torch.Tensor:
-        return torch.add(
-            self.x, self.r, alpha=self.step_size
-        )  # the last term, free: r = (I - step A)^k r_0
+        # the last term, free: r = (I - step A)^k r_0
+        return torch.add(self.x, self.r, alpha=self.step_size)
 
     def residual_vector(self) -> torch.Tensor:
         """The residual the record measures: that of the sum before its last term."""

@@ -11,6 +11,7 @@ import torch
 
 from .._compat import retained_vjp
 from .._forward import Anderson, ForwardSolver
+from .._forward._base import step_towards
 from .._layers import FixedPointEquation, FixedPointLayer, Phantom
 from .._linear import GMRES
 from .._records import OnFailure
@@ -154,21 +155,19 @@ class DEQ(FixedPointLayer):
         finally:
             _RECORDER.reset(token)
         space = FlatSpace(z0, "z0", per_sample=True)
-        steps, damping = self.state_backward.steps, self.state_backward.damping
+
+        def step(w: torch.Tensor) -> torch.Tensor:
+            out = self.function(space.unflatten(w), x)
+            return space.flatten_leaves(space.check(out, "the cell's output"))
+
         states = []
         for index in recorder.at:
             iterate = recorder.iterates.get(index)
-            z = z_star if iterate is None else space.unflatten(iterate.reshape(-1))
-            leaves, spec = tree_flatten(z)
-            z = tree_unflatten(spec, [leaf.detach() for leaf in leaves])
+            w = (space.flatten(z_star) if iterate is None else iterate.reshape(-1)).detach()
             with torch.enable_grad():
-                for _ in range(steps):
-                    mapped = tree_flatten(self.function(z, x))[0]
-                    z = tree_unflatten(
-                        spec,
-                        [a + damping * (b - a) for a, b in zip(tree_flatten(z)[0], mapped)],
-                    )
-            states.append(z)
+                for _ in range(self.state_backward.steps):
+                    w = step_towards(w, step(w), self.state_backward.damping)
+            states.append(space.unflatten(w))
         return states + [z_star]
 
     def forward(self, x: Any, z0: Any = None) -> Any:
@@ -301,7 +300,7 @@ class _RecordingSolver(ForwardSolver):
     def method(self) -> str:
         return self.solver.method
 
-    def solve(self, f, w0):
+    def _run(self, f, w0):
         wanted, iterates, count = set(self.recorder.at), self.recorder.iterates, 0
 
         def recording(w: torch.Tensor) -> torch.Tensor:
@@ -312,9 +311,6 @@ class _RecordingSolver(ForwardSolver):
             return f(w)
 
         return self.solver.solve(recording, w0)
-
-    def _run(self, f, w0):  # pragma: no cover - solve() is the entry point
-        raise NotImplementedError
 
 
 _RECORDER: ContextVar[_Recorder | None] = ContextVar("implicit_layers_deq_states", default=None)
