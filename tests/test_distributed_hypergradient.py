@@ -63,24 +63,30 @@ METHODS = {
 }
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def on_shard(rank: int, world: int, port: int, out: str, job) -> None:
+    """Rank ``rank`` of a gloo group of ``world``: ``job`` on its shard of the data, its result
+    saved for the test to read."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         shard = SAMPLES // world
         parts = [t[rank * shard : (rank + 1) * shard] for t in data()]
-        results = {}
-        for as_dict in (False, True):
-            w, lam = problem(as_dict)
-            inner, outer = losses(*parts, as_dict)
-            for name, make in METHODS.items():
-                grads, record = hypergradient(
-                    inner, outer, w, lam, make(), process_group=dist.group.WORLD
-                )
-                results[(as_dict, name)] = (grads, record)
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(job(parts, dist.group.WORLD), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def hypergradients(parts, group):
+    """Every method's hypergradient and record, for tensor and dict hyperparameters."""
+    results = {}
+    for as_dict in (False, True):
+        w, lam = problem(as_dict)
+        inner, outer = losses(*parts, as_dict)
+        for name, make in METHODS.items():
+            results[(as_dict, name)] = hypergradient(
+                inner, outer, w, lam, make(), process_group=group
+            )
+    return results
 
 
 def free_port() -> int:
@@ -91,7 +97,7 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_gets_the_hypergradient_of_all_the_data(world, tmp_path):
-    mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(on_shard, args=(world, free_port(), str(tmp_path), hypergradients), nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for as_dict in (False, True):
         w, lam = problem(as_dict)
@@ -165,19 +171,8 @@ def train(parts, process_group=None):
     return model.weight.detach().clone(), log_decay.detach().clone(), [log.record for log in logs]
 
 
-def trainer_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        shard = SAMPLES // world
-        parts = [t[rank * shard : (rank + 1) * shard] for t in data()]
-        torch.save(train(parts, dist.group.WORLD), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_bilevel_trainer_over_shards_takes_the_steps_of_one_process_on_all_the_data(tmp_path):
-    mp.spawn(trainer_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(on_shard, args=(2, free_port(), str(tmp_path), train), nprocs=2)
     weight, log_decay, records = train(data())
     for rank in range(2):
         got_weight, got_decay, got_records = torch.load(
